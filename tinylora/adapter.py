@@ -1,0 +1,187 @@
+"""Adapter files: HF PEFT's (adapter_config.json + adapter_model.safetensors) and mlx-lm's
+(adapter_config.json + adapters.safetensors). Loading validates everything before the model is touched."""
+from __future__ import annotations
+import os, pathlib
+from typing import Any
+import numpy as np
+from tinygrad import Tensor
+from tinylora.config import ALL_LINEAR, LoraConfig, layer_index
+from tinylora.errors import LoraError
+from tinylora.io import read_json, read_safetensors, write_json, write_safetensors
+from tinylora.lora import LoraLinear, adaptable_linears, inject, lora_layers
+
+CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS, MLX_WEIGHTS = "adapter_model.safetensors", "adapters.safetensors"
+PEFT_PREFIX = "base_model.model."
+# PEFT options tinylora does not implement, with the value that means "not used"; any other value is refused.
+_PEFT_UNSUPPORTED = {"use_dora": False, "modules_to_save": None, "bias": "none", "fan_in_fan_out": False,
+                     "layer_replication": None, "exclude_modules": None, "lora_bias": False, "target_parameters": None,
+                     "use_qalora": False, "trainable_token_indices": None, "megatron_config": None}
+
+def _config_of(model: Any) -> tuple[dict[str, LoraLinear], LoraConfig]:
+  layers = lora_layers(model)
+  if not layers: raise LoraError("model has no LoRA adapters to save")
+  return layers, next(iter(layers.values())).config
+
+def _numpy(t: Tensor) -> np.ndarray: return t.float().numpy()
+
+# ---- HF PEFT ----
+
+def peft_config_dict(config: LoraConfig, layers: dict[str, LoraLinear]) -> dict:
+  targets = config.target_modules
+  if targets == ALL_LINEAR: targets = sorted({p.rsplit(".", 1)[-1] for p in layers})  # PEFT saves the names it resolved
+  return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.lora_alpha,
+          "lora_dropout": config.lora_dropout, "target_modules": targets, "use_rslora": config.use_rslora,
+          "layers_to_transform": config.layers_to_transform, "layers_pattern": None,
+          "rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern,
+          "init_lora_weights": config.init_lora_weights, "bias": "none", "fan_in_fan_out": False, "use_dora": False,
+          "modules_to_save": None, "inference_mode": True, "base_model_name_or_path": None, "revision": None}
+
+def config_from_peft(cfg: dict, where: str) -> LoraConfig:
+  if cfg.get("peft_type", "LORA") != "LORA": raise LoraError(f"{where}: peft_type {cfg['peft_type']!r} is not supported (only 'LORA')")
+  for key, neutral in _PEFT_UNSUPPORTED.items():
+    if cfg.get(key, neutral) not in (neutral, [], {}) or (key == "bias" and cfg.get(key, neutral) != neutral):
+      raise LoraError(f"{where}: option {key}={cfg[key]!r} is not supported by tinylora yet (supported: {neutral!r})")
+  if cfg.get("layers_pattern") not in (None, "layers", ["layers"]):
+    raise LoraError(f"{where}: layers_pattern={cfg['layers_pattern']!r} is not supported (only 'layers')")
+  if "r" not in cfg or "target_modules" not in cfg: raise LoraError(f"{where}: needs 'r' and 'target_modules'")
+  fields = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "layers_to_transform",
+            "rank_pattern", "alpha_pattern", "init_lora_weights")
+  kwargs = {k: cfg[k] for k in fields if cfg.get(k) is not None}
+  try: return LoraConfig(**kwargs)
+  except LoraError as e: raise LoraError(f"{where}: {e}") from None
+
+def peft_state(layers: dict[str, LoraLinear]) -> dict[str, Tensor]:
+  return {f"{PEFT_PREFIX}{p}.lora_{n}.weight": getattr(l, f"lora_{n}") for p, l in layers.items() for n in "AB"}
+
+# ---- mlx-lm ----
+
+def _block_layout(paths: list[str], where: str) -> tuple[list[int], list[str]]:
+  """The block indices and the in-block keys ("self_attn.q_proj") of adapted paths such as model.layers.3.self_attn.q_proj."""
+  blocks, keys = set(), set()
+  for p in paths:
+    i = layer_index(p)
+    if i is None: raise LoraError(f"{where}: mlx-lm adapts linears inside blocks only, but {p} is outside any block")
+    blocks.add(i); keys.add(p.split(f"layers.{i}.", 1)[1])
+  return sorted(blocks), sorted(keys)
+
+def mlx_config_dict(config: LoraConfig, layers: dict[str, LoraLinear], model: Any) -> dict:
+  where = "saving in mlx-lm format"
+  ranks, scales = {l.r for l in layers.values()}, {l.scale for l in layers.values()}
+  if len(ranks) > 1 or len(scales) > 1:
+    raise LoraError(f"{where}: mlx-lm has one rank and scale per adapter; this one has ranks {sorted(ranks)}, scales {sorted(scales)}")
+  blocks, keys = _block_layout(list(layers), where)
+  n_blocks = max(layer_index(p) for p in adaptable_linears(model) if layer_index(p) is not None) + 1
+  if blocks != list(range(n_blocks - len(blocks), n_blocks)) or len(layers) != len(blocks) * len(keys):
+    raise LoraError(f"{where}: mlx-lm adapts the same keys in the last num_layers blocks; this adapter has blocks "
+                    f"{blocks} of {n_blocks} and keys {keys}")
+  return {"fine_tune_type": "lora", "num_layers": len(blocks),
+          "lora_parameters": {"rank": ranks.pop(), "scale": scales.pop(), "dropout": config.lora_dropout, "keys": keys}}
+
+def config_from_mlx(cfg: dict, model: Any, where: str) -> LoraConfig:
+  kind = cfg.get("fine_tune_type", "lora")
+  if kind != "lora": raise LoraError(f"{where}: fine_tune_type={kind!r} is not supported (only 'lora')")
+  params = cfg.get("lora_parameters")
+  if not isinstance(params, dict) or "rank" not in params or "scale" not in params:
+    raise LoraError(f"{where}: lora_parameters must be an object with 'rank' and 'scale', found {params!r}")
+  linears = adaptable_linears(model)
+  n_blocks = max((i for p in linears if (i := layer_index(p)) is not None), default=-1) + 1
+  num_layers = cfg.get("num_layers", 16)
+  if not isinstance(num_layers, int) or num_layers == 0 or num_layers < -1 or num_layers > n_blocks:
+    raise LoraError(f"{where}: num_layers={num_layers!r} but the model has {n_blocks} blocks (-1 = all)")
+  first = 0 if num_layers == -1 else n_blocks - num_layers
+  keys = params.get("keys") or sorted({p.split(f"layers.{layer_index(p)}.", 1)[1] for p in linears if layer_index(p) is not None})
+  rank, scale = params["rank"], params["scale"]
+  if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+    raise LoraError(f"{where}: lora_parameters.scale={scale!r}: expected a number")
+  try:
+    # LoraConfig's scale is lora_alpha / r; mlx-lm uses its scale as is, so lora_alpha = scale * r
+    return LoraConfig(r=rank, lora_alpha=scale * rank if isinstance(rank, int) else rank, lora_dropout=params.get("dropout", 0.0),
+                      target_modules=list(keys), layers_to_transform=list(range(first, n_blocks)))
+  except LoraError as e: raise LoraError(f"{where}: {e}") from None
+
+def mlx_state(layers: dict[str, LoraLinear]) -> dict[str, Tensor]:
+  return {f"{p}.lora_{n.lower()}": getattr(l, f"lora_{n}").T for p, l in layers.items() for n in "AB"}
+
+# ---- save / load ----
+
+def detect_format(path: str | os.PathLike) -> str:
+  path = pathlib.Path(path)
+  cfg = read_json(path / CONFIG_FILE)
+  if "peft_type" in cfg: return "peft"
+  if "lora_parameters" in cfg or "fine_tune_type" in cfg: return "mlx"
+  raise LoraError(f"{path / CONFIG_FILE}: unknown adapter format: neither HF PEFT ('peft_type') nor mlx-lm "
+                  f"('lora_parameters'); found keys {sorted(cfg)}")
+
+def save_adapter(model: Any, path: str | os.PathLike, format: str = "peft") -> None:
+  """Writes the model's adapter as HF PEFT (`format="peft"`) or mlx-lm (`"mlx"`) files in directory `path`.
+  Each file is written atomically; the weights go first, so a crash never pairs a new config with old weights."""
+  layers, config = _config_of(model)
+  path = pathlib.Path(path)
+  if format == "peft":
+    cfg, tensors, weights = peft_config_dict(config, layers), peft_state(layers), PEFT_WEIGHTS
+  elif format == "mlx":
+    cfg, tensors, weights = mlx_config_dict(config, layers, model), mlx_state(layers), MLX_WEIGHTS
+  else: raise LoraError(f"unknown adapter format {format!r}: expected 'peft' or 'mlx'")
+  arrays = {k: _numpy(t) for k, t in tensors.items()}
+  if bad := [k for k, a in arrays.items() if not np.isfinite(a).all()]:
+    raise LoraError(f"refusing to save non-finite adapter tensors: {', '.join(bad[:5])}")
+  write_safetensors(path / weights, arrays, {"format": "pt"} if format == "peft" else {"format": "mlx"})
+  write_json(path / CONFIG_FILE, cfg)
+
+def load_adapter(model: Any, path: str | os.PathLike, format: str | None = None) -> Any:
+  """Reads a PEFT or mlx-lm adapter directory (format detected unless given) and injects it into `model`.
+  Every tensor is checked against the model first: on any error the model is left exactly as it was."""
+  path = pathlib.Path(path)
+  if not path.is_dir(): raise FileNotFoundError(f"adapter directory not found: {path}")
+  format = format or detect_format(path)
+  cfg_path = path / CONFIG_FILE
+  cfg = read_json(cfg_path)
+  if format == "peft":
+    if not (path / PEFT_WEIGHTS).exists() and (path / "adapter_model.bin").exists():
+      raise LoraError(f"{path / 'adapter_model.bin'}: pickled PyTorch adapters are not supported; save with safetensors")
+    config, weights = config_from_peft(cfg, str(cfg_path)), path / PEFT_WEIGHTS
+    key_of = lambda p, n: f"{PEFT_PREFIX}{p}.lora_{n}.weight"
+    transposed = False
+  elif format == "mlx":
+    config, weights = config_from_mlx(cfg, model, str(cfg_path)), path / MLX_WEIGHTS
+    key_of, transposed = lambda p, n: f"{p}.lora_{n.lower()}", True
+    mlx_scale = float(cfg["lora_parameters"]["scale"])  # used as is, not recomputed through lora_alpha / r
+  else: raise LoraError(f"unknown adapter format {format!r}: expected 'peft' or 'mlx'")
+  if not weights.exists(): raise FileNotFoundError(f"adapter weights not found: {weights}")
+  tensors, _ = read_safetensors(weights)
+  if lora_layers(model): raise LoraError("model already has LoRA adapters; merge_and_unload or unload them before loading another")
+
+  # Check every key and shape against what this config would build on this model before touching it.
+  linears = {p: s for p, s in adaptable_linears(model).items() if config.matches(p)}
+  if not linears:
+    raise LoraError(f"{cfg_path}: target_modules={config.target_modules!r} matches no linear in the model; "
+                    f"linears are: {', '.join(sorted(adaptable_linears(model)))}")
+  expected = {}
+  for p, (out_f, in_f) in linears.items():
+    r = config.rank(p)
+    expected[key_of(p, "A")] = (r, in_f)
+    expected[key_of(p, "B")] = (out_f, r)
+  def found_shape(k): return tuple(tensors[k].shape[::-1] if transposed else tensors[k].shape)
+  def file_shape(shape): return tuple(shape[::-1]) if transposed else tuple(shape)
+  if missing := sorted(set(expected) - set(tensors)):
+    raise LoraError(f"{weights}: missing {len(missing)} tensor(s) for this model, e.g. {missing[0]!r} "
+                    f"(expected shape {file_shape(expected[missing[0]])})")
+  if extra := sorted(set(tensors) - set(expected)):
+    raise LoraError(f"{weights}: {len(extra)} tensor(s) match no adapted linear of this model, e.g. {extra[0]!r} "
+                    f"with shape {tuple(tensors[extra[0]].shape)}")
+  for k, shape in expected.items():
+    if found_shape(k) != shape:
+      got = found_shape(k)
+      rank_note = f"; the config's rank is {shape[0] if k.endswith(('A.weight', 'lora_a')) else shape[1]}" \
+                  if (got[0] != shape[0]) != (got[1] != shape[1]) else ""
+      raise LoraError(f"{weights}: tensor {k!r} has shape {tuple(tensors[k].shape)}, expected {file_shape(shape)}{rank_note}")
+    if not np.issubdtype(tensors[k].dtype, np.floating):
+      raise LoraError(f"{weights}: tensor {k!r} has dtype {tensors[k].dtype}, expected a float type")
+
+  def init(p: str, layer: LoraLinear):
+    if format == "mlx": layer.scale = mlx_scale
+    for n in "AB":
+      arr = tensors[key_of(p, n)].astype(np.float32)
+      setattr(layer, f"lora_{n}", Tensor(np.ascontiguousarray(arr.T if transposed else arr)).contiguous().realize())
+  return inject(model, config, init=init)

@@ -1,0 +1,85 @@
+"""LoraConfig: which linears get an adapter and with what rank and scale, with HF PEFT's names and defaults."""
+from __future__ import annotations
+import math, re
+from dataclasses import dataclass, field
+from tinylora.errors import LoraError
+
+ALL_LINEAR = "all-linear"
+# Output heads that "all-linear" leaves alone, as PEFT does.
+HEAD_NAMES = ("lm_head", "output", "embed_out")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
+
+def layer_index(path: str) -> int | None:
+  """The block index in a dotted module path such as `model.layers.3.self_attn.q_proj`, or None."""
+  m = _LAYER_INDEX.search(path)
+  return int(m.group(1)) if m else None
+
+def _pattern_key(patterns: dict, path: str) -> str | None:
+  # PEFT: a rank_pattern/alpha_pattern key is a name or regex matched against the end of the module path
+  return next((k for k in patterns if re.match(rf"(.*\.)?({k})$", path)), None)
+
+@dataclass
+class LoraConfig:
+  """LoRA hyperparameters, named as in HF PEFT's LoraConfig.
+
+  target_modules: module names (a module matches when its dotted path equals the name or ends with "." + name),
+  a regex string matched against the whole path, or "all-linear" (every linear except the output head).
+  init_lora_weights: True (A as nn.Linear's kaiming-uniform init, B = 0, so the adapter starts as the identity),
+  "gaussian" (A ~ N(0, 1/r), B = 0) or False (A and B both random: for tests)."""
+  r: int = 8
+  lora_alpha: float = 8
+  lora_dropout: float = 0.0
+  target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+  use_rslora: bool = False
+  layers_to_transform: list[int] | None = None
+  init_lora_weights: bool | str = True
+  rank_pattern: dict[str, int] = field(default_factory=dict)
+  alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+  def __post_init__(self):
+    def check(ok: bool, what: str, value, expected: str):
+      if not ok: raise LoraError(f"LoraConfig.{what} = {value!r}: expected {expected}")
+    def is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
+    def is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    check(is_int(self.r) and self.r >= 1, "r", self.r, "an integer >= 1")
+    check(is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "a finite number > 0")
+    check(is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout,
+          "a number in [0, 1)")
+    if isinstance(self.target_modules, (set, tuple)): self.target_modules = sorted(self.target_modules)
+    if isinstance(self.target_modules, str):
+      check(bool(self.target_modules), "target_modules", self.target_modules, "a non-empty regex or 'all-linear'")
+      try: re.compile(self.target_modules)
+      except re.error as e: raise LoraError(f"LoraConfig.target_modules = {self.target_modules!r} is not a valid regex: {e}")
+    else:
+      check(isinstance(self.target_modules, list) and len(self.target_modules) > 0 and
+            all(isinstance(t, str) and t for t in self.target_modules), "target_modules", self.target_modules,
+            "a non-empty list of module names, a regex string, or 'all-linear'")
+    check(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "True or False")
+    if is_int(self.layers_to_transform): self.layers_to_transform = [self.layers_to_transform]
+    check(self.layers_to_transform is None or (isinstance(self.layers_to_transform, list) and
+          all(is_int(i) and i >= 0 for i in self.layers_to_transform)), "layers_to_transform", self.layers_to_transform,
+          "None, or a list of block indices >= 0")
+    check(self.init_lora_weights in (True, False, "gaussian"), "init_lora_weights", self.init_lora_weights,
+          "True, False or 'gaussian'")
+    check(isinstance(self.rank_pattern, dict) and all(is_int(v) and v >= 1 for v in self.rank_pattern.values()),
+          "rank_pattern", self.rank_pattern, "a dict of module name/regex -> integer rank >= 1")
+    check(isinstance(self.alpha_pattern, dict) and all(is_number(v) and v > 0 for v in self.alpha_pattern.values()),
+          "alpha_pattern", self.alpha_pattern, "a dict of module name/regex -> alpha > 0")
+
+  def matches(self, path: str) -> bool:
+    """Whether the linear at dotted `path` gets an adapter (PEFT's matching rules)."""
+    if self.target_modules == ALL_LINEAR: hit = path.rsplit(".", 1)[-1] not in HEAD_NAMES
+    elif isinstance(self.target_modules, str): hit = re.fullmatch(self.target_modules, path) is not None
+    else: hit = any(path == t or path.endswith("." + t) for t in self.target_modules)
+    if hit and self.layers_to_transform is not None: hit = layer_index(path) in self.layers_to_transform
+    return hit
+
+  def rank(self, path: str) -> int:
+    key = _pattern_key(self.rank_pattern, path)
+    return self.r if key is None else self.rank_pattern[key]
+
+  def scale(self, path: str) -> float:
+    key = _pattern_key(self.alpha_pattern, path)
+    alpha = self.lora_alpha if key is None else self.alpha_pattern[key]
+    r = self.rank(path)
+    return alpha / math.sqrt(r) if self.use_rslora else alpha / r

@@ -1,0 +1,88 @@
+"""Crash-safe file writes and checked safetensors reads shared by adapters, checkpoints and merged models."""
+from __future__ import annotations
+import contextlib, json, os, pathlib, struct, tempfile
+from typing import Iterator
+import numpy as np
+from tinylora.errors import LoraError
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """Yields a temporary path in the same directory; on success it is flushed and renamed over `path`, so a crash at any
+  moment leaves either the old file or the new one, never a partial file."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  os.close(fd)
+  try:
+    yield pathlib.Path(tmp)
+    with open(tmp, "rb+") as f: os.fsync(f.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # make the rename itself durable
+      dfd = os.open(path.parent, os.O_RDONLY)
+      try: os.fsync(dfd)
+      finally: os.close(dfd)
+  finally:
+    with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+
+def write_json(path: str | os.PathLike, obj) -> None:
+  with atomic_path(path) as tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+def read_json(path: str | os.PathLike) -> dict:
+  path = pathlib.Path(path)
+  try: obj = json.loads(path.read_text())
+  except FileNotFoundError: raise
+  except (json.JSONDecodeError, UnicodeDecodeError) as e: raise LoraError(f"{path}: invalid JSON ({e})") from e
+  if not isinstance(obj, dict): raise LoraError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+  return obj
+
+_NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+              "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
+_ST_NAMES = {np.dtype(v): k for k, v in _NP_DTYPES.items()}
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """Reads a whole .safetensors file into numpy arrays (BF16 is widened to float32), checking the header and every
+  offset, so a truncated or corrupt file raises LoraError naming the file instead of failing deep inside."""
+  path = pathlib.Path(path)
+  data = path.read_bytes()
+  def bad(why: str) -> LoraError: return LoraError(f"{path}: not a valid safetensors file ({why})")
+  if len(data) < 8: raise bad(f"{len(data)} bytes, shorter than the 8-byte header length")
+  (n,) = struct.unpack("<Q", data[:8])
+  if n > len(data) - 8: raise bad(f"header says {n} bytes but only {len(data) - 8} follow")
+  try: header = json.loads(data[8:8 + n])
+  except (json.JSONDecodeError, UnicodeDecodeError) as e: raise bad(f"header is not JSON: {e}") from e
+  if not isinstance(header, dict): raise bad("header is not a JSON object")
+  metadata = header.pop("__metadata__", None) or {}
+  if not isinstance(metadata, dict): raise bad("__metadata__ is not an object")
+  body, out = memoryview(data)[8 + n:], {}
+  for key, info in header.items():
+    try:
+      dtype, shape, (start, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
+      if any(s < 0 for s in shape): raise ValueError("negative dimension")
+    except (TypeError, KeyError, ValueError) as e: raise bad(f"entry {key!r} is malformed: {e}") from e
+    if dtype != "BF16" and dtype not in _NP_DTYPES: raise bad(f"tensor {key!r} has unsupported dtype {dtype}")
+    itemsize = 2 if dtype == "BF16" else np.dtype(_NP_DTYPES[dtype]).itemsize
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= len(body)) or \
+       end - start != itemsize * int(np.prod(shape)):
+      raise bad(f"tensor {key!r} of dtype {dtype} and shape {shape} does not fit offsets [{start}, {end}) "
+                f"in a {len(body)}-byte body")
+    raw = body[start:end]
+    if dtype == "BF16": arr = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else: arr = np.frombuffer(raw, _NP_DTYPES[dtype]).copy()
+    out[key] = arr.reshape(shape)
+  return out, {str(k): str(v) for k, v in metadata.items()}
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+  """Writes numpy arrays as .safetensors atomically (keys sorted, as the safetensors library does)."""
+  header: dict = {"__metadata__": metadata} if metadata else {}
+  offset, arrays = 0, []
+  for key in sorted(tensors):
+    arr = np.ascontiguousarray(tensors[key])
+    if arr.dtype not in _ST_NAMES: raise LoraError(f"tensor {key!r}: dtype {arr.dtype} cannot be written to safetensors")
+    header[key] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+    offset += arr.nbytes
+    arrays.append(arr)
+  hb = json.dumps(header, separators=(",", ":")).encode()
+  hb += b" " * (-len(hb) % 8)
+  with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(hb)) + hb)
+    for arr in arrays: f.write(arr.tobytes())

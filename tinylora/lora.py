@@ -1,0 +1,175 @@
+"""The LoRA linear and the functions that put adapters into a model, count, merge and remove them."""
+from __future__ import annotations
+import contextlib, math
+from typing import Any, Callable, Iterator
+from tinygrad import Tensor, dtypes, nn
+from tinylora.config import LoraConfig
+from tinylora.errors import LoraError
+
+def base_shape(obj: Any) -> tuple[int, int] | None:
+  """(out_features, in_features) of a linear tinylora can adapt (nn.Linear or a quantized linear), else None."""
+  if isinstance(obj, nn.Linear): return tuple(obj.weight.shape)
+  if callable(getattr(obj, "dequantize", None)) and hasattr(obj, "in_features"): return (obj.out_features, obj.in_features)
+  return None
+
+class LoraLinear:
+  """y = base(x) + dropout(x) @ A.T @ B.T * scale, with A (r, in) and B (out, r) as in HF PEFT."""
+  def __init__(self, base: Any, r: int, scale: float, dropout: float = 0.0, init: bool | str = True):
+    shape = base_shape(base)
+    if shape is None: raise LoraError(f"LoraLinear wraps nn.Linear or a quantized linear, not {type(base).__name__}")
+    out_features, in_features = shape
+    self.base, self.r, self.scale, self.dropout = base, r, scale, dropout
+    if init == "gaussian": A = Tensor.randn(r, in_features) / r
+    else: A = Tensor.uniform(r, in_features, low=-1 / math.sqrt(in_features), high=1 / math.sqrt(in_features))
+    B = Tensor.zeros(out_features, r) if init else Tensor.uniform(out_features, r, low=-1 / math.sqrt(r), high=1 / math.sqrt(r))
+    # realized now: a lazy constant would be folded into a TinyJit's kernels and never see optimizer updates
+    self.lora_A, self.lora_B = A.contiguous().realize(), B.contiguous().realize()
+    self.merged, self.enabled = False, True
+
+  @property
+  def out_features(self) -> int: return self.lora_B.shape[0]
+  @property
+  def in_features(self) -> int: return self.lora_A.shape[1]
+
+  def __call__(self, x: Tensor) -> Tensor:
+    y = self.base(x)
+    if self.merged or not self.enabled: return y
+    h = x.cast(self.lora_A.dtype).dropout(self.dropout) if self.dropout else x.cast(self.lora_A.dtype)
+    # the low-rank delta in its own small kernels, added in the base matmul's epilogue: a kernel holding both
+    # reductions gets none of tinygrad's matmul optimisations (and sums the base product in another order)
+    return y + (h @ self.lora_A.T @ self.lora_B.T * self.scale).cast(y.dtype).contiguous()
+
+  def delta_weight(self) -> Tensor:
+    """The update scale * B @ A, shaped like the base weight (out, in)."""
+    return self.lora_B @ self.lora_A * self.scale
+
+  def _updated_weight(self, sign: float, what: str) -> Tensor:
+    if not isinstance(self.base, nn.Linear):
+      raise LoraError(f"cannot {what} into a {type(self.base).__name__} in place; use merge_and_unload(model)")
+    W = (self.base.weight.float() + sign * self.delta_weight()).cast(self.base.weight.dtype).realize()
+    if not W.isfinite().all().item(): raise LoraError(f"{what} would write non-finite weights; the model is unchanged")
+    return W
+
+  def merge(self):
+    if self.merged: raise LoraError("adapter is already merged")
+    self.base.weight.assign(self._updated_weight(1.0, "merge")).realize()
+    self.merged = True
+
+  def unmerge(self):
+    if not self.merged: raise LoraError("adapter is not merged")
+    self.base.weight.assign(self._updated_weight(-1.0, "unmerge")).realize()
+    self.merged = False
+
+  def fuse(self, dtype=None) -> nn.Linear:
+    """A plain nn.Linear with the update folded in (the base is left untouched)."""
+    base_W = self.base.weight.float() if isinstance(self.base, nn.Linear) else self.base.dequantize().float()
+    W = base_W if self.merged else base_W + self.delta_weight()
+    dtype = dtype or (self.base.weight.dtype if isinstance(self.base, nn.Linear) else dtypes.float16)
+    if not W.isfinite().all().item(): raise LoraError("fusing would write non-finite weights; the model is unchanged")
+    out = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None)
+    out.weight = W.cast(dtype).contiguous().realize()
+    if self.base.bias is not None: out.bias = self.base.bias
+    return out
+
+def named_modules(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any, Any]]:
+  """Walks an object tree as nn.state.get_state_dict does (attributes, lists, dicts), yielding
+  (dotted path, module, parent container, key in parent) for every object that is not a Tensor."""
+  seen: set[int] = set()
+  def walk(o: Any, path: str) -> Iterator[tuple[str, Any, Any, Any]]:
+    children = o.__dict__ if hasattr(o, "__dict__") else o if isinstance(o, dict) else \
+               dict(enumerate(o)) if isinstance(o, list) else {}
+    for k, v in list(children.items()):
+      if isinstance(v, (Tensor, str, bytes, int, float, bool, type(None))) or id(v) in seen: continue
+      seen.add(id(v))
+      child = f"{path}.{k}" if path else str(k)
+      yield child, v, o, k
+      yield from walk(v, child)
+  yield from walk(obj, prefix)
+
+def _replace(parent: Any, key: Any, value: Any):
+  if isinstance(parent, (list, dict)): parent[key] = value
+  else: setattr(parent, key, value)
+
+def lora_layers(model: Any) -> dict[str, LoraLinear]:
+  """Every LoraLinear in the model by dotted path."""
+  return {path: m for path, m, _, _ in named_modules(model) if isinstance(m, LoraLinear)}
+
+def adaptable_linears(model: Any) -> dict[str, tuple[int, int]]:
+  """(out, in) of every linear in the model that an adapter could wrap, by dotted path."""
+  return {path: s for path, m, _, _ in named_modules(model) if (s := base_shape(m)) is not None}
+
+def inject(model: Any, config: LoraConfig, init: Callable[[str, LoraLinear], None] | None = None) -> Any:
+  """Wraps every linear that `config` targets in a LoraLinear, in place, and freezes all other tensors.
+  `init(path, layer)` may set A and B before anything is changed (used by load_adapter). Returns the model."""
+  if existing := lora_layers(model):
+    raise LoraError(f"model already has LoRA adapters (e.g. {next(iter(existing))}); merge_and_unload or remove them first")
+  targets = [(p, m, parent, k) for p, m, parent, k in named_modules(model) if base_shape(m) and config.matches(p)]
+  if not targets:
+    names = sorted(adaptable_linears(model))
+    raise LoraError(f"target_modules={config.target_modules!r} (layers_to_transform={config.layers_to_transform}) "
+                    f"matches no linear in the model; linears are: {', '.join(names) or 'none'}")
+  layers = [(p, parent, k, LoraLinear(m, config.rank(p), config.scale(p), config.lora_dropout, config.init_lora_weights))
+            for p, m, parent, k in targets]
+  if init is not None:
+    for p, _, _, layer in layers: init(p, layer)
+  for t in nn.state.get_parameters(model): t.is_param_(False)
+  for _, parent, k, layer in layers:
+    layer.config = config
+    _replace(parent, k, layer)
+  return model
+
+def trainable_parameters(model: Any) -> list[Tensor]:
+  """The LoRA tensors (A then B of every adapted linear, in model order): the only tensors training updates."""
+  return [t for layer in lora_layers(model).values() for t in (layer.lora_A, layer.lora_B)]
+
+def count_parameters(model: Any) -> tuple[int, int]:
+  """(trainable, total) parameter counts; shared (tied) tensors count once, quantized weights by stored elements."""
+  trainable = sum(t.numel() for t in trainable_parameters(model))
+  total = sum(t.numel() for t in {id(t): t for t in nn.state.get_parameters(model)}.values())
+  return trainable, total
+
+def merge(model: Any) -> Any:
+  """Adds every adapter's update into its base weight (reversible with unmerge). Merging twice is an error."""
+  layers = lora_layers(model)
+  if not layers: raise LoraError("model has no LoRA adapters to merge")
+  if merged := [p for p, l in layers.items() if l.merged]: raise LoraError(f"already merged: {', '.join(merged)}")
+  new = [layer._updated_weight(1.0, "merge") for layer in layers.values()]  # all checked before any is written
+  for layer, W in zip(layers.values(), new):
+    layer.base.weight.assign(W).realize()
+    layer.merged = True
+  return model
+
+def unmerge(model: Any) -> Any:
+  layers = lora_layers(model)
+  if not layers: raise LoraError("model has no LoRA adapters to unmerge")
+  if unmerged := [p for p, l in layers.items() if not l.merged]: raise LoraError(f"not merged: {', '.join(unmerged)}")
+  for layer in layers.values(): layer.unmerge()
+  return model
+
+def merge_and_unload(model: Any, dtype=None) -> Any:
+  """Replaces every LoraLinear by a plain nn.Linear holding W + scale * B @ A (a quantized base is dequantized,
+  to float16 unless `dtype` says otherwise). Nothing is replaced unless every fused weight is finite."""
+  found = [(p, parent, k, m) for p, m, parent, k in named_modules(model) if isinstance(m, LoraLinear)]
+  if not found: raise LoraError("model has no LoRA adapters to merge")
+  fused = [(parent, k, m.fuse(dtype)) for _, parent, k, m in found]
+  for parent, k, linear in fused: _replace(parent, k, linear)
+  return model
+
+def unload(model: Any) -> Any:
+  """Removes every adapter without merging it, giving back the base linears."""
+  for _, m, parent, k in [(p, m, parent, k) for p, m, parent, k in named_modules(model) if isinstance(m, LoraLinear)]:
+    if m.merged: m.unmerge()
+    _replace(parent, k, m.base)
+  return model
+
+@contextlib.contextmanager
+def disabled(model: Any) -> Iterator[Any]:
+  """Inside this block the model computes exactly its base output (merged adapters are unmerged for the while)."""
+  layers = lora_layers(model).values()
+  was_merged = [l for l in layers if l.merged]
+  for l in was_merged: l.unmerge()
+  for l in layers: l.enabled = False
+  try: yield model
+  finally:
+    for l in layers: l.enabled = True
+    for l in was_merged: l.merge()
