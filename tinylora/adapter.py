@@ -29,7 +29,7 @@ def _numpy(t: Tensor) -> np.ndarray: return t.float().numpy()
 
 def peft_config_dict(config: LoraConfig, layers: dict[str, LoraLinear]) -> dict:
   targets = config.target_modules
-  if targets == ALL_LINEAR: targets = sorted({p.rsplit(".", 1)[-1] for p in layers})  # PEFT saves the names it resolved
+  if targets == ALL_LINEAR: targets = sorted(layers)  # PEFT saves "all-linear" as the full paths it resolved
   return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.lora_alpha,
           "lora_dropout": config.lora_dropout, "target_modules": targets, "use_rslora": config.use_rslora,
           "layers_to_transform": config.layers_to_transform, "layers_pattern": None,
@@ -87,9 +87,9 @@ def config_from_mlx(cfg: dict, model: Any, where: str) -> LoraConfig:
   linears = adaptable_linears(model)
   n_blocks = max((i for p in linears if (i := layer_index(p)) is not None), default=-1) + 1
   num_layers = cfg.get("num_layers", 16)
-  if not isinstance(num_layers, int) or num_layers == 0 or num_layers < -1 or num_layers > n_blocks:
-    raise LoraError(f"{where}: num_layers={num_layers!r} but the model has {n_blocks} blocks (-1 = all)")
-  first = 0 if num_layers == -1 else n_blocks - num_layers
+  if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers > n_blocks:
+    raise LoraError(f"{where}: num_layers={num_layers!r} but the model has {n_blocks} blocks (<= 0 means all)")
+  first = 0 if num_layers <= 0 else n_blocks - num_layers
   keys = params.get("keys") or sorted({p.split(f"layers.{layer_index(p)}.", 1)[1] for p in linears if layer_index(p) is not None})
   rank, scale = params["rank"], params["scale"]
   if not isinstance(scale, (int, float)) or isinstance(scale, bool):

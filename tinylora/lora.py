@@ -5,17 +5,13 @@ from typing import Any, Callable, Iterator
 from tinygrad import Tensor, dtypes, nn
 from tinylora.config import LoraConfig
 from tinylora.errors import LoraError
-
-def base_shape(obj: Any) -> tuple[int, int] | None:
-  """(out_features, in_features) of a linear tinylora can adapt (nn.Linear or a quantized linear), else None."""
-  if isinstance(obj, nn.Linear): return tuple(obj.weight.shape)
-  if callable(getattr(obj, "dequantize", None)) and hasattr(obj, "in_features"): return (obj.out_features, obj.in_features)
-  return None
+from tinylora.quant import linear_shape
+from tinylora.tree import named_modules, replace_module
 
 class LoraLinear:
   """y = base(x) + dropout(x) @ A.T @ B.T * scale, with A (r, in) and B (out, r) as in HF PEFT."""
   def __init__(self, base: Any, r: int, scale: float, dropout: float = 0.0, init: bool | str = True):
-    shape = base_shape(base)
+    shape = linear_shape(base)
     if shape is None: raise LoraError(f"LoraLinear wraps nn.Linear or a quantized linear, not {type(base).__name__}")
     out_features, in_features = shape
     self.base, self.r, self.scale, self.dropout = base, r, scale, dropout
@@ -71,39 +67,20 @@ class LoraLinear:
     if self.base.bias is not None: out.bias = self.base.bias
     return out
 
-def named_modules(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any, Any]]:
-  """Walks an object tree as nn.state.get_state_dict does (attributes, lists, dicts), yielding
-  (dotted path, module, parent container, key in parent) for every object that is not a Tensor."""
-  seen: set[int] = set()
-  def walk(o: Any, path: str) -> Iterator[tuple[str, Any, Any, Any]]:
-    children = o.__dict__ if hasattr(o, "__dict__") else o if isinstance(o, dict) else \
-               dict(enumerate(o)) if isinstance(o, list) else {}
-    for k, v in list(children.items()):
-      if isinstance(v, (Tensor, str, bytes, int, float, bool, type(None))) or id(v) in seen: continue
-      seen.add(id(v))
-      child = f"{path}.{k}" if path else str(k)
-      yield child, v, o, k
-      yield from walk(v, child)
-  yield from walk(obj, prefix)
-
-def _replace(parent: Any, key: Any, value: Any):
-  if isinstance(parent, (list, dict)): parent[key] = value
-  else: setattr(parent, key, value)
-
 def lora_layers(model: Any) -> dict[str, LoraLinear]:
   """Every LoraLinear in the model by dotted path."""
   return {path: m for path, m, _, _ in named_modules(model) if isinstance(m, LoraLinear)}
 
 def adaptable_linears(model: Any) -> dict[str, tuple[int, int]]:
   """(out, in) of every linear in the model that an adapter could wrap, by dotted path."""
-  return {path: s for path, m, _, _ in named_modules(model) if (s := base_shape(m)) is not None}
+  return {path: s for path, m, _, _ in named_modules(model) if (s := linear_shape(m)) is not None}
 
 def inject(model: Any, config: LoraConfig, init: Callable[[str, LoraLinear], None] | None = None) -> Any:
   """Wraps every linear that `config` targets in a LoraLinear, in place, and freezes all other tensors.
   `init(path, layer)` may set A and B before anything is changed (used by load_adapter). Returns the model."""
   if existing := lora_layers(model):
     raise LoraError(f"model already has LoRA adapters (e.g. {next(iter(existing))}); merge_and_unload or remove them first")
-  targets = [(p, m, parent, k) for p, m, parent, k in named_modules(model) if base_shape(m) and config.matches(p)]
+  targets = [(p, m, parent, k) for p, m, parent, k in named_modules(model) if linear_shape(m) and config.matches(p)]
   if not targets:
     names = sorted(adaptable_linears(model))
     raise LoraError(f"target_modules={config.target_modules!r} (layers_to_transform={config.layers_to_transform}) "
@@ -115,7 +92,7 @@ def inject(model: Any, config: LoraConfig, init: Callable[[str, LoraLinear], Non
   for t in nn.state.get_parameters(model): t.is_param_(False)
   for _, parent, k, layer in layers:
     layer.config = config
-    _replace(parent, k, layer)
+    replace_module(parent, k, layer)
   return model
 
 def trainable_parameters(model: Any) -> list[Tensor]:
@@ -152,14 +129,14 @@ def merge_and_unload(model: Any, dtype=None) -> Any:
   found = [(p, parent, k, m) for p, m, parent, k in named_modules(model) if isinstance(m, LoraLinear)]
   if not found: raise LoraError("model has no LoRA adapters to merge")
   fused = [(parent, k, m.fuse(dtype)) for _, parent, k, m in found]
-  for parent, k, linear in fused: _replace(parent, k, linear)
+  for parent, k, linear in fused: replace_module(parent, k, linear)
   return model
 
 def unload(model: Any) -> Any:
   """Removes every adapter without merging it, giving back the base linears."""
   for _, m, parent, k in [(p, m, parent, k) for p, m, parent, k in named_modules(model) if isinstance(m, LoraLinear)]:
     if m.merged: m.unmerge()
-    _replace(parent, k, m.base)
+    replace_module(parent, k, m.base)
   return model
 
 @contextlib.contextmanager

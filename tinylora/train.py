@@ -1,0 +1,139 @@
+"""Training the LoRA tensors: masked LM loss, learning-rate schedule, a TinyJit'd step with gradient accumulation,
+clipping and a non-finite guard, and crash-safe checkpoints that resume on the same trajectory."""
+from __future__ import annotations
+import math, os, pathlib, shutil
+from dataclasses import dataclass, asdict
+from typing import Any, Callable
+import numpy as np
+from tinygrad import Tensor, TinyJit, nn, dtypes
+from tinygrad.helpers import Context
+from tinylora.adapter import save_adapter, PEFT_WEIGHTS
+from tinylora.errors import LoraError
+from tinylora.io import read_json, read_safetensors, write_json, write_safetensors
+from tinylora.lora import lora_layers, trainable_parameters
+
+def lm_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+  """Mean next-token cross-entropy over the positions where mask is 1 (prompt and padding have mask 0)."""
+  logits = logits.float()
+  target_logit = (logits * (Tensor.arange(logits.shape[-1]) == targets.unsqueeze(-1))).sum(-1)
+  nll = logits.logsumexp(-1) - target_logit
+  return (nll * mask).sum() / mask.sum().maximum(1)
+
+def cosine_lr(step: int, lr: float, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.1) -> float:
+  """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `total_steps`."""
+  if step < warmup_steps: return lr * (step + 1) / warmup_steps
+  progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+  return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+@dataclass
+class TrainConfig:
+  lr: float = 2e-4
+  iters: int = 200
+  warmup: int = 10
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0
+  accum_steps: int = 1
+
+class Trainer:
+  """Updates only the model's LoRA tensors with AdamW. One optimizer step = `accum_steps` micro-batches:
+  `_accumulate` (TinyJit) adds each micro-batch's gradients into buffers and returns (loss, gradient norm);
+  the host checks both are finite (so nothing non-finite is ever written) and `_apply` (TinyJit) clips and steps."""
+  def __init__(self, model: Any, config: TrainConfig, loss_fn: Callable[[Any, Tensor, Tensor, Tensor], Tensor] | None = None):
+    self.model, self.config, self.step = model, config, 0
+    self.params = trainable_parameters(model)
+    if not self.params: raise LoraError("model has no LoRA tensors to train; inject(model, config) first")
+    self.loss_fn = loss_fn or (lambda m, tokens, targets, mask: lm_loss(m(tokens), targets, mask))
+    self.opt = nn.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+    # real buffers now, so checkpoints can be restored into them before the first step
+    self.opt.m, self.opt.v = [[t.contiguous().realize() for t in ts] for ts in (self.opt.m, self.opt.v)]
+    self.opt.b1_t, self.opt.b2_t = [t.contiguous().realize().is_param_(False) for t in (self.opt.b1_t, self.opt.b2_t)]
+    self.grads = [Tensor.zeros(*p.shape, dtype=p.dtype).contiguous().realize() for p in self.params]
+    self._accumulate, self._apply = TinyJit(self._accumulate_fn), TinyJit(self._apply_fn)
+    self._eval = TinyJit(lambda tokens, targets, mask: self.loss_fn(self.model, tokens, targets, mask).realize())
+    self.shape: tuple | None = None
+
+  def _accumulate_fn(self, tokens: Tensor, targets: Tensor, mask: Tensor, keep: Tensor) -> Tensor:
+    loss = self.loss_fn(self.model, tokens, targets, mask)
+    acc = [g.assign(g * keep + d) for g, d in zip(self.grads, loss.gradient(*self.params))]
+    norm = Tensor.stack(*[a.float().square().sum() for a in acc]).sum().sqrt()
+    return Tensor.stack(loss.float(), norm).realize(*acc)
+
+  def _apply_fn(self, lr: Tensor) -> Tensor:
+    n = self.config.accum_steps
+    norm = Tensor.stack(*[g.float().square().sum() for g in self.grads]).sum().sqrt() / n
+    coef = (self.config.grad_clip / (norm + 1e-6)).minimum(1.0) / n if self.config.grad_clip > 0 else Tensor(1.0 / n)
+    for p, g in zip(self.params, self.grads): p.grad = (g * coef).cast(p.dtype)
+    self.opt.lr.assign(lr)
+    return norm.realize(*self.opt.schedule_step())
+
+  def _check_shape(self, *ts: Tensor):
+    shape = tuple(t.shape for t in ts)
+    if self.shape is None: self.shape = shape
+    # TinyJit would replay a shape-changed batch with wrong answers; catch it here
+    if shape != self.shape: raise LoraError(f"batch shapes changed from {self.shape} to {shape}; pad every batch to one shape")
+
+  def train_step(self, batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[float, float]:
+    """One optimizer step over `accum_steps` micro-batches of (tokens, targets, mask); returns (mean loss, grad norm)."""
+    if len(batches) != self.config.accum_steps:
+      raise LoraError(f"train_step got {len(batches)} micro-batches, expected accum_steps={self.config.accum_steps}")
+    losses = []
+    with Context(TRAINING=1):
+      for i, (tokens, targets, mask) in enumerate(batches):
+        ts = (Tensor(tokens, dtype=dtypes.int32), Tensor(targets, dtype=dtypes.int32), Tensor(mask, dtype=dtypes.float32))
+        self._check_shape(*ts)
+        loss, norm = self._accumulate(*ts, Tensor([0.0 if i == 0 else 1.0])).numpy().tolist()
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+          raise LoraError(f"step {self.step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'} "
+                          f"(loss={loss}, grad norm={norm}); no update was applied and nothing was saved")
+        losses.append(loss)
+      c = self.config
+      grad_norm = self._apply(Tensor([cosine_lr(self.step, c.lr, c.iters, c.warmup, c.min_lr_ratio)])).item()
+    self.step += 1
+    return sum(losses) / len(losses), grad_norm
+
+  def evaluate(self, batches) -> float:
+    """Mean loss over batches of (tokens, targets, mask), without dropout and without touching any state."""
+    losses = []
+    for tokens, targets, mask in batches:
+      ts = (Tensor(tokens, dtype=dtypes.int32), Tensor(targets, dtype=dtypes.int32), Tensor(mask, dtype=dtypes.float32))
+      self._check_shape(*ts)
+      losses.append(self._eval(*ts).item())
+    return sum(losses) / max(1, len(losses))
+
+  # ---- checkpoints: <dir>/step_NNNNNN/{adapter files, optimizer.safetensors, trainer_state.json}; <dir>/latest names one
+
+  def save_checkpoint(self, directory: str | os.PathLike, keep: int = 2, extra: dict | None = None) -> pathlib.Path:
+    """Writes a complete checkpoint into a new folder, then atomically points `latest` at it; a crash at any moment
+    leaves the previous checkpoint loadable. Keeps the newest `keep` checkpoints."""
+    directory = pathlib.Path(directory)
+    ckpt = directory / f"step_{self.step:06d}"
+    save_adapter(self.model, ckpt)
+    opt = {f"m.{i}": m for i, m in enumerate(self.opt.m)} | {f"v.{i}": v for i, v in enumerate(self.opt.v)}
+    opt |= {"b1_t": self.opt.b1_t, "b2_t": self.opt.b2_t}
+    write_safetensors(ckpt / "optimizer.safetensors", {k: t.numpy() for k, t in opt.items()})
+    write_json(ckpt / "trainer_state.json", {"step": self.step, "config": asdict(self.config), **(extra or {})})
+    write_json(directory / "latest.json", {"checkpoint": ckpt.name})
+    for old in sorted(directory.glob("step_*"))[:-keep]:
+      if old != ckpt: shutil.rmtree(old, ignore_errors=True)
+    return ckpt
+
+  def load_checkpoint(self, directory: str | os.PathLike) -> dict:
+    """Restores LoRA tensors, optimizer state and step from the checkpoint `latest.json` names; returns its state."""
+    directory = pathlib.Path(directory)
+    ckpt = directory / read_json(directory / "latest.json")["checkpoint"]
+    state = read_json(ckpt / "trainer_state.json")
+    opt, _ = read_safetensors(ckpt / "optimizer.safetensors")
+    adapter, _ = read_safetensors(ckpt / PEFT_WEIGHTS)
+    layers = lora_layers(self.model)
+    expected = {f"base_model.model.{p}.lora_{n}.weight": getattr(l, f"lora_{n}") for p, l in layers.items() for n in "AB"}
+    targets = expected | {f"m.{i}": m for i, m in enumerate(self.opt.m)} | {f"v.{i}": v for i, v in enumerate(self.opt.v)}
+    targets |= {"b1_t": self.opt.b1_t, "b2_t": self.opt.b2_t}
+    arrays = adapter | opt
+    for k, t in targets.items():  # check everything before assigning anything
+      if k not in arrays: raise LoraError(f"{ckpt}: checkpoint has no tensor {k!r}")
+      if tuple(arrays[k].shape) != tuple(t.shape):
+        raise LoraError(f"{ckpt}: tensor {k!r} has shape {tuple(arrays[k].shape)}, expected {tuple(t.shape)}")
+    for k, t in targets.items(): t.assign(Tensor(arrays[k].astype(np.float32), dtype=t.dtype)).realize()
+    self.step = int(state["step"])
+    return state

@@ -1,0 +1,23 @@
+"""Walking and editing a model's object tree the way nn.state.get_state_dict names it (attributes, lists, dicts)."""
+from __future__ import annotations
+from typing import Any, Iterator
+from tinygrad import Tensor
+
+def named_modules(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any, Any]]:
+  """Yields (dotted path, module, parent container, key in parent) for every object below `obj` that is not a Tensor
+  or a plain value, each once, parents before children."""
+  seen: set[int] = set()
+  def walk(o: Any, path: str) -> Iterator[tuple[str, Any, Any, Any]]:
+    children = o.__dict__ if hasattr(o, "__dict__") else o if isinstance(o, dict) else \
+               dict(enumerate(o)) if isinstance(o, list) else {}
+    for k, v in list(children.items()):
+      if isinstance(v, (Tensor, str, bytes, int, float, bool, type(None))) or id(v) in seen: continue
+      seen.add(id(v))
+      child = f"{path}.{k}" if path else str(k)
+      yield child, v, o, k
+      yield from walk(v, child)
+  yield from walk(obj, prefix)
+
+def replace_module(parent: Any, key: Any, value: Any) -> None:
+  if isinstance(parent, (list, dict)): parent[key] = value
+  else: setattr(parent, key, value)
