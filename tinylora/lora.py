@@ -1,11 +1,11 @@
 """The LoRA linear and the functions that put adapters into a model, count, merge and remove them."""
 from __future__ import annotations
-import contextlib, math
+import contextlib, math, warnings
 from typing import Any, Callable, Iterator
 from tinygrad import Tensor, dtypes, nn
 from tinylora.config import LoraConfig
 from tinylora.errors import LoraError
-from tinylora.quant import linear_shape
+from tinylora.quant import QuantizedLinear, linear_shape
 from tinylora.tree import named_modules, replace_module
 
 class LoraLinear:
@@ -57,14 +57,15 @@ class LoraLinear:
     self.merged = False
 
   def fuse(self, dtype=None) -> nn.Linear:
-    """A plain nn.Linear with the update folded in (the base is left untouched)."""
-    base_W = self.base.weight.float() if isinstance(self.base, nn.Linear) else self.base.dequantize().float()
+    """A plain nn.Linear with the update folded in (the base is left untouched); a quantized base is dequantized,
+    to float16 unless `dtype` says otherwise."""
+    quantized = isinstance(self.base, QuantizedLinear)
+    base_W = self.base.dequantize(dtypes.float32) if quantized else self.base.weight.float()
     W = base_W if self.merged else base_W + self.delta_weight()
-    dtype = dtype or (self.base.weight.dtype if isinstance(self.base, nn.Linear) else dtypes.float16)
     if not W.isfinite().all().item(): raise LoraError("fusing would write non-finite weights; the model is unchanged")
     out = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None)
-    out.weight = W.cast(dtype).contiguous().realize()
-    if self.base.bias is not None: out.bias = self.base.bias
+    out.weight = W.cast(dtype or (dtypes.float16 if quantized else self.base.weight.dtype)).contiguous().realize()
+    out.bias = self.base.bias
     return out
 
 def lora_layers(model: Any) -> dict[str, LoraLinear]:
@@ -123,13 +124,27 @@ def unmerge(model: Any) -> Any:
   for layer in layers.values(): layer.unmerge()
   return model
 
-def merge_and_unload(model: Any, dtype=None) -> Any:
-  """Replaces every LoraLinear by a plain nn.Linear holding W + scale * B @ A (a quantized base is dequantized,
-  to float16 unless `dtype` says otherwise). Nothing is replaced unless every fused weight is finite."""
+def merge_and_unload(model: Any, dtype=None, requantize: bool = False) -> Any:
+  """Replaces every LoraLinear by a plain nn.Linear holding W + scale * B @ A (a quantized base is dequantized, to
+  float16 unless `dtype` says otherwise). Nothing is replaced unless every fused weight is finite.
+  `requantize=True` quantizes the fused weights of quantized bases again with their bits and group size, and warns
+  with how much of each adapter's update the rounding destroyed (a small update can vanish in 4-bit steps)."""
   found = [(p, parent, k, m) for p, m, parent, k in named_modules(model) if isinstance(m, LoraLinear)]
   if not found: raise LoraError("model has no LoRA adapters to merge")
-  fused = [(parent, k, m.fuse(dtype)) for _, parent, k, m in found]
-  for parent, k, linear in fused: replace_module(parent, k, linear)
+  fused = [(p, parent, k, m, m.fuse(dtype)) for p, parent, k, m in found]
+  errors = {}
+  for p, parent, k, m, linear in fused:
+    if requantize and isinstance(m.base, QuantizedLinear):
+      target = linear.weight.float()
+      linear = QuantizedLinear.from_linear(linear, m.base.bits, m.base.group_size)
+      lost = (linear.dequantize(dtypes.float32) - target).square().sum().sqrt()
+      errors[p] = (lost / m.delta_weight().square().sum().sqrt().maximum(1e-12)).item()
+    replace_module(parent, k, linear)
+  if errors:
+    worst = max(errors, key=errors.get)
+    warnings.warn(f"re-quantizing after merge: rounding error / adapter update = {sum(errors.values()) / len(errors):.2f} "
+                  f"on average, {errors[worst]:.2f} at worst ({worst}); a ratio near or above 1 means the fine-tune is "
+                  f"largely lost. Keep the merged model in float16 to keep it.")
   return model
 
 def unload(model: Any) -> Any:
