@@ -1,13 +1,14 @@
 """Training the LoRA tensors: masked LM loss, learning-rate schedule, a TinyJit'd step with gradient accumulation,
 clipping and a non-finite guard, and crash-safe checkpoints that resume on the same trajectory."""
 from __future__ import annotations
-import math, os, pathlib, shutil
+import math, os, pathlib, shutil, time
 from dataclasses import dataclass, asdict
 from typing import Any, Callable
 import numpy as np
 from tinygrad import Tensor, TinyJit, nn, dtypes
-from tinygrad.helpers import Context
+from tinygrad.helpers import Context, tqdm
 from tinylora.adapter import save_adapter, PEFT_WEIGHTS
+from tinylora.data import Example, batch_at, eval_batches
 from tinylora.errors import LoraError
 from tinylora.io import read_json, read_safetensors, write_json, write_safetensors
 from tinylora.lora import lora_layers, trainable_parameters
@@ -137,3 +138,33 @@ class Trainer:
     for k, t in targets.items(): t.assign(Tensor(arrays[k].astype(np.float32), dtype=t.dtype)).realize()
     self.step = int(state["step"])
     return state
+
+def fit(trainer: Trainer, train: list[Example], valid: list[Example] | None, batch_size: int, seq_len: int, seed: int = 0,
+        pad_id: int = 0, val_every: int = 50, val_batches: int = 8, checkpoint_dir: str | os.PathLike | None = None,
+        save_every: int = 100, progress: bool = True) -> list[dict]:
+  """Runs `trainer` from its current step to `config.iters` on fixed-shape batches drawn by (seed, step), with a progress
+  bar (loss, tokens/s, ETA), validation every `val_every` steps and checkpoints every `save_every` steps (and at the
+  end). Returns one record per step: step, loss, grad_norm, lr, tokens_per_s, and val_loss where measured."""
+  c, history = trainer.config, []
+  valid_b = eval_batches(valid, batch_size, seq_len, pad_id, val_batches) if valid else []
+  bar = tqdm(total=c.iters, desc="train", disable=not progress)
+  bar.update(trainer.step)
+  start, tokens = time.perf_counter(), 0
+  while trainer.step < c.iters:
+    micro = [batch_at(train, trainer.step * c.accum_steps + i, batch_size, seq_len, seed, pad_id) for i in range(c.accum_steps)]
+    lr = cosine_lr(trainer.step, c.lr, c.iters, c.warmup, c.min_lr_ratio)
+    loss, grad_norm = trainer.train_step(micro)
+    tokens += batch_size * seq_len * c.accum_steps
+    record = {"step": trainer.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+              "tokens_per_s": tokens / (time.perf_counter() - start)}
+    if trainer.step == 1: record["first_step_s"] = time.perf_counter() - start
+    if valid_b and (trainer.step % val_every == 0 or trainer.step == c.iters):
+      record["val_loss"] = trainer.evaluate(valid_b)
+      if progress: tqdm.write(f"step {trainer.step}: train loss {loss:.3f}, val loss {record['val_loss']:.3f}")
+    if checkpoint_dir is not None and (trainer.step % save_every == 0 or trainer.step == c.iters):
+      trainer.save_checkpoint(checkpoint_dir)
+    bar.set_description(f"loss {loss:.3f} | {record['tokens_per_s']:.0f} tok/s")
+    bar.update(1)
+    history.append(record)
+  bar.update(close=True)
+  return history

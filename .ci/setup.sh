@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: the clang that tinygrad's CPU device compiles with, and tinylora with its
+# test dependencies. Safe to run again. On macOS tinygrad uses METAL and needs no clang from here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(uname)" = "Linux" ] && ! command -v clang >/dev/null 2>&1; then
+  echo "tinylora: installing clang (tinygrad's CPU device compiles its kernels with it)" >&2
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  if command -v apt-get >/dev/null 2>&1; then $SUDO apt-get update -qq && $SUDO apt-get install -y -qq clang >/dev/null
+  else echo "tinylora: clang not found; install it with your package manager (e.g. dnf install clang)" >&2; exit 1; fi
+fi
+python3 -m pip install -q -e ".[test]"

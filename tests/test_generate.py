@@ -1,0 +1,77 @@
+"""KV-cache generation: cached greedy equals greedy recomputed without a cache, the jitted decode step replays, and
+sampling options behave."""
+import numpy as np, pytest
+from tinygrad import Tensor
+from tinylora.errors import LoraError
+from tinylora.generate import Decoder, generate, sample
+from tinylora.models import Model
+
+CONFIG = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=64, rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=False)
+PROMPT, PAD = [3, 17, 42, 8], 16
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+  Tensor.manual_seed(0)
+  return Model.from_config(CONFIG)
+
+def full_logits(model: Model, seq: list[int]) -> np.ndarray:
+  """Logits at every position of `seq`, without a cache. The input is padded to one length so a single set of kernels
+  serves every call; causal attention keeps the padding from affecting earlier positions."""
+  return model(Tensor([seq + [0] * (PAD - len(seq))]))[0, :len(seq)].numpy()
+
+def greedy_without_cache(model: Model, prompt: list[int], n: int) -> list[int]:
+  seq = list(prompt)
+  for _ in range(n): seq.append(int(full_logits(model, seq)[-1].argmax()))
+  return seq[len(prompt):]
+
+def test_cached_greedy_equals_uncached_greedy(model):
+  out = generate(model, PROMPT, 6)
+  assert out == greedy_without_cache(model, PROMPT, 6)
+  assert len(out) == 6 and all(0 <= t < CONFIG["vocab_size"] for t in out)
+
+def test_jitted_decode_steps_replay_and_match_the_full_forward(model):
+  seq = PROMPT + [5, 9, 60, 1, 33]
+  decoder = Decoder(model, len(seq))
+  steps = [decoder.prefill(PROMPT)] + [decoder.step(t, i) for i, t in enumerate(seq[len(PROMPT):-1], start=len(PROMPT))]
+  assert decoder.jit.captured is not None and decoder.jit.cnt == len(seq) - len(PROMPT) - 1  # calls 3+ were replays
+  np.testing.assert_allclose(np.stack(steps), full_logits(model, seq)[len(PROMPT) - 1:-1], atol=1e-5, rtol=1e-5)
+
+def test_stop_tokens_end_generation_and_are_not_returned(model):
+  out = generate(model, PROMPT, 8)
+  stop = next(t for i, t in enumerate(out) if t not in out[:i] and i > 0)
+  assert generate(model, PROMPT, 8, stop_tokens=[stop]) == out[:out.index(stop)]
+
+def test_sampling_is_seeded_and_tiny_top_p_is_greedy(model):
+  a = generate(model, PROMPT, 5, temperature=1.0, seed=7)
+  assert a == generate(model, PROMPT, 5, temperature=1.0, seed=7)
+  assert generate(model, PROMPT, 5, temperature=1.0, top_p=1e-6, seed=1) == generate(model, PROMPT, 5)
+
+def test_sample():
+  rng = np.random.default_rng(0)
+  logits = np.array([1.0, 3.0, 2.9, -5.0], np.float32)
+  assert sample(logits, 0.0, 1.0, rng) == 1
+  assert {sample(logits, 1.0, 0.45, rng) for _ in range(50)} == {1}  # p = 0.49, 0.45, 0.06, 0.0001
+  assert {sample(logits, 1.0, 0.9, rng) for _ in range(200)} == {1, 2}
+  assert {sample(logits, 100.0, 1.0, rng) for _ in range(200)} == {0, 1, 2, 3}
+
+def test_lora_model_generates_unmerged():
+  from tinylora import LoraConfig, inject, merge_and_unload
+  lora = Model.from_config(CONFIG)
+  inject(lora, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+  out = generate(lora, PROMPT, 4)
+  assert out == generate(merge_and_unload(lora), PROMPT, 4)
+
+@pytest.mark.parametrize("kwargs, match", [
+  (dict(tokens=[]), "at least one prompt token"), (dict(max_new_tokens=-1), "max_new_tokens"),
+  (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(tokens=[1, 64]), "token 64"),
+])
+def test_bad_arguments(model, kwargs, match):
+  with pytest.raises(LoraError, match=match): generate(model, **{"tokens": PROMPT, "max_new_tokens": 3, **kwargs})
+
+def test_zero_new_tokens(model):
+  assert generate(model, PROMPT, 0) == []
+
+def test_cache_overflow_is_refused(model):
+  cache = model.make_cache(1, 4)
+  with pytest.raises(LoraError, match="KV cache of 4"): model(Tensor([[1, 2, 3, 4, 5]]), 0, cache)
