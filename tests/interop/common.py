@@ -1,0 +1,91 @@
+"""Shared by the interop tests: the token batch, logits from each library, and the checked comparison whose measured
+differences conftest prints at the end of the run. torch, transformers, PEFT and mlx are imported inside the functions:
+the fixtures that skip when a package is missing run first."""
+from __future__ import annotations
+import json, pathlib, warnings
+from dataclasses import dataclass
+import numpy as np, pytest
+from tinygrad import Tensor
+import tinylora as tl
+
+TOKENS = np.array([[1, 5, 9, 33, 2, 60, 17], [3, 3, 41, 0, 12, 8, 63]])
+ATOL = 1e-4
+MAX_DIFFS: dict[str, float] = {}  # check name -> measured max |difference|
+
+@dataclass
+class Adapter:
+  base: pathlib.Path  # the model directory it was made on
+  path: pathlib.Path  # the adapter directory
+  logits: np.ndarray  # its library's logits on TOKENS with the adapter applied
+  merged: np.ndarray | None = None  # PEFT's logits after merge_and_unload
+
+def assert_close(name: str, got: np.ndarray, want: np.ndarray, atol: float = ATOL) -> None:
+  assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+  diff = float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
+  MAX_DIFFS[name] = diff
+  assert diff <= atol, f"{name}: max |difference| {diff:.3e} > {atol}"
+
+def tl_logits(model) -> np.ndarray: return model(Tensor(TOKENS.astype(np.int32))).numpy()
+
+# ---- transformers / PEFT
+
+def hf_logits(model) -> np.ndarray:
+  import torch
+  with torch.no_grad(): return model(torch.tensor(TOKENS)).logits.numpy()
+
+def hf_model(path: pathlib.Path):
+  from transformers import AutoModelForCausalLM
+  return AutoModelForCausalLM.from_pretrained(path).eval()
+
+def peft_model(base: pathlib.Path, adapter: pathlib.Path, **kwargs):
+  from peft import PeftModel
+  return PeftModel.from_pretrained(hf_model(base), adapter, **kwargs).eval()
+
+def peft_loading_saved(model, base: pathlib.Path, path: pathlib.Path):
+  """PeftModel of the adapter tinylora saved from `model` at `path`, checked to hold exactly tinylora's tensors and
+  scales: PEFT only warns about a missing tensor (keeping that B at zero) and ignores extra tensors silently."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    pm = peft_model(base, path)
+  assert not [w.message for w in caught if "missing" in str(w.message) or "nexpected" in str(w.message)]
+  layers = tl.lora_layers(model)
+  loaded = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if "default" in getattr(m, "lora_A", {})}
+  assert sorted(loaded) == sorted(layers)
+  for path, layer in layers.items():
+    assert loaded[path].scaling["default"] == pytest.approx(layer.scale), path
+    for n in "AB":
+      np.testing.assert_array_equal(getattr(loaded[path], f"lora_{n}")["default"].weight.detach().numpy(),
+                                    getattr(layer, f"lora_{n}").numpy(), err_msg=f"{path}.lora_{n}")
+  return pm
+
+# ---- mlx-lm
+
+def mlx_load(path: pathlib.Path):
+  """(model, config) as mlx_lm.utils.load_model gives them. mlx-lm reads only a top-level rope_theta, which
+  transformers 5 does not write (it writes rope_parameters.rope_theta), so that value is passed on explicitly."""
+  from mlx_lm.utils import load_model
+  theta = json.loads((path / "config.json").read_text()).get("rope_parameters", {}).get("rope_theta")
+  return load_model(path, model_config={"rope_theta": theta} if theta else None)
+
+def mlx_logits(model) -> np.ndarray:
+  import mlx.core as mx
+  return np.array(model(mx.array(TOKENS)))
+
+def mlx_with_adapter(base: pathlib.Path, adapter: pathlib.Path):
+  from mlx_lm.tuner.utils import load_adapters
+  model, _ = mlx_load(base)
+  load_adapters(model, str(adapter))
+  model.eval()
+  return model
+
+def mlx_loading_saved(model, base: pathlib.Path, path: pathlib.Path):
+  """mlx-lm model with the adapter tinylora saved from `model` at `path`, checked to hold exactly tinylora's tensors:
+  load_adapters accepts missing tensors silently (that B stays zero)."""
+  from mlx.utils import tree_flatten
+  mlx_model = mlx_with_adapter(base, path)
+  loaded = {k: np.array(v) for k, v in tree_flatten(mlx_model.parameters()) if k.endswith((".lora_a", ".lora_b"))}
+  saved = {f"{p}.lora_{n.lower()}": getattr(l, f"lora_{n}").numpy().T for p, l in tl.lora_layers(model).items() for n in "AB"}
+  assert sorted(loaded) == sorted(saved)
+  for k, v in saved.items(): np.testing.assert_array_equal(loaded[k], v, err_msg=k)
+  return mlx_model
+

@@ -1,0 +1,49 @@
+"""mlx-lm adapters and 4-bit checkpoints give mlx-lm's logits in tinylora, and the adapters tinylora saves in mlx-lm's
+format load in mlx-lm with every tensor and give the same logits."""
+import json
+import pytest
+import tinylora as tl
+from tinylora.models import load_pretrained
+from .common import assert_close, mlx_loading_saved, mlx_logits, tl_logits
+from .conftest import MLX_VARIANTS, QUANT_VARIANTS
+
+pytestmark = pytest.mark.interop
+
+@pytest.mark.parametrize("name", MLX_VARIANTS)
+def test_mlx_adapter_logits(mlx_adapters, name):
+  ref = mlx_adapters[name]
+  model = tl.load_adapter(load_pretrained(ref.base), ref.path)
+  assert_close(f"mlx {name}: load_adapter vs mlx-lm load_adapters", tl_logits(model), ref.logits)
+
+@pytest.mark.parametrize("name", MLX_VARIANTS)
+def test_saved_mlx_adapter_loads_in_mlx(mlx_adapters, tmp_path, name):
+  ref = mlx_adapters[name]
+  model = tl.load_adapter(load_pretrained(ref.base), ref.path)
+  tl.save_adapter(model, tmp_path, format="mlx")
+  assert_close(f"mlx {name}: tinylora-saved adapter in mlx-lm vs original",
+               mlx_logits(mlx_loading_saved(model, ref.base, tmp_path)), ref.logits)
+
+@pytest.mark.parametrize("name", QUANT_VARIANTS)
+def test_quantized_checkpoint_logits(mlx_quantized, name):
+  path, want = mlx_quantized[name]
+  cfg = json.loads((path / "config.json").read_text())
+  assert cfg["quantization"]["bits"] == 4
+  model = load_pretrained(path)
+  assert_close(f"quant {name}: load_pretrained vs mlx-lm", tl_logits(model), want)
+
+def test_quantized_checkpoints_are_what_mlx_lm_writes(mlx_quantized):
+  from safetensors import safe_open
+  def keys(name):
+    with safe_open(mlx_quantized[name][0] / "model.safetensors", "np") as f: return set(f.keys())
+  assert {"model.embed_tokens.scales", "lm_head.scales", "model.layers.0.self_attn.q_proj.scales"} <= keys("llama_g32")
+  assert not any(k.startswith("lm_head") for k in keys("tied_g32")) and "model.embed_tokens.scales" in keys("tied_g32")
+  assert {k for k in keys("llama_g64") if k.endswith(".scales")} == {f"model.layers.{i}.mlp.down_proj.scales" for i in (0, 1)}
+
+@pytest.mark.parametrize("name", QUANT_VARIANTS)
+def test_mlx_adapter_on_quantized_checkpoint(mlx_quantized_adapters, tmp_path, name):
+  ref = mlx_quantized_adapters[name]
+  model = tl.load_adapter(load_pretrained(ref.base), ref.path)
+  assert_close(f"quant {name}: mlx-lm LoRA on the 4-bit model, load_adapter vs mlx-lm", tl_logits(model), ref.logits)
+  tl.save_adapter(model, tmp_path, format="mlx")
+  assert_close(f"quant {name}: tinylora-saved adapter on the 4-bit model in mlx-lm vs original",
+               mlx_logits(mlx_loading_saved(model, ref.base, tmp_path)), ref.logits)
