@@ -163,3 +163,13 @@ def test_kernel_counts_of_lora_and_merged_forward():
   assert 0 < lora_k - base_k <= 2, (base_k, lora_k)
   layer.merge()
   assert kernels(layer(x)) == base_k
+
+def test_merge_refuses_a_tied_weight_but_merge_and_unload_unties(tiny_lm, tokens):
+  tiny_lm.lm_head.weight = tiny_lm.model.embed_tokens  # tied head, as with tie_word_embeddings
+  tl.inject(tiny_lm, LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False))
+  emb = tiny_lm.model.embed_tokens.numpy().copy()
+  with pytest.raises(LoraError, match=r"lm_head's weight is shared with model\.embed_tokens"): tl.merge(tiny_lm)
+  unmerged = tiny_lm(tokens).numpy()
+  tl.merge_and_unload(tiny_lm)
+  np.testing.assert_array_equal(tiny_lm.model.embed_tokens.numpy(), emb)
+  np.testing.assert_allclose(tiny_lm(tokens).numpy(), unmerged, rtol=1e-5, atol=1e-5)

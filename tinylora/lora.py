@@ -111,6 +111,12 @@ def merge(model: Any) -> Any:
   layers = lora_layers(model)
   if not layers: raise LoraError("model has no LoRA adapters to merge")
   if merged := [p for p, l in layers.items() if l.merged]: raise LoraError(f"already merged: {', '.join(merged)}")
+  names: dict[int, list[str]] = {}
+  for k, t in nn.state.get_state_dict(model).items(): names.setdefault(id(t), []).append(k)
+  for p, l in layers.items():
+    if isinstance(l.base, nn.Linear) and len(tied := names[id(l.base.weight)]) > 1:
+      raise LoraError(f"{p}'s weight is shared with {', '.join(k for k in tied if not k.startswith(p))} (tied); merging "
+                      f"in place would change those too. Use merge_and_unload(model), which gives {p} its own weight")
   new = [layer._updated_weight(1.0, "merge") for layer in layers.values()]  # all checked before any is written
   for layer, W in zip(layers.values(), new):
     layer.base.weight.assign(W).realize()
