@@ -83,9 +83,9 @@ def test_mlx_refuses_layouts_it_cannot_express(tmp_path):
 def corrupt(tmp_path, edit_tensors=None, edit_config=None):
   m = trained(LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init_lora_weights=False))
   tl.save_adapter(m, tmp_path)
-  if edit_tensors:
+  if edit_tensors or edit_config:  # rewritten as another tool would, without tinylora's config digest
     t = load_file(tmp_path / "adapter_model.safetensors")
-    edit_tensors(t)
+    if edit_tensors: edit_tensors(t)
     save_file(t, tmp_path / "adapter_model.safetensors")
   if edit_config:
     c = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -139,3 +139,9 @@ def test_save_refuses_non_finite_and_keeps_previous_files(tmp_path):
   with pytest.raises(LoraError, match="non-finite"): tl.save_adapter(m, tmp_path)
   assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
   assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+def test_weights_and_config_from_different_saves_are_refused(tmp_path):
+  tl.save_adapter(trained(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])), tmp_path / "a")
+  tl.save_adapter(trained(LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj"])), tmp_path / "b")
+  (tmp_path / "a" / "adapter_config.json").write_bytes((tmp_path / "b" / "adapter_config.json").read_bytes())
+  with pytest.raises(LoraError, match="different adapter_config.json"): tl.load_adapter(fresh_base(), tmp_path / "a")

@@ -1,7 +1,7 @@
 """Adapter files: HF PEFT's (adapter_config.json + adapter_model.safetensors) and mlx-lm's
 (adapter_config.json + adapters.safetensors). Loading validates everything before the model is touched."""
 from __future__ import annotations
-import os, pathlib
+import hashlib, json, os, pathlib
 from typing import Any
 import numpy as np
 from tinygrad import Tensor
@@ -24,6 +24,11 @@ def _config_of(model: Any) -> tuple[dict[str, LoraLinear], LoraConfig]:
   return layers, next(iter(layers.values())).config
 
 def _numpy(t: Tensor) -> np.ndarray: return t.float().numpy()
+
+# The weights file carries a digest of the config saved with it: the two files are renamed into place one after the
+# other, so a save killed in between (over an older adapter) would otherwise pair new weights with an old scale.
+CONFIG_TAG = "tinylora.config_sha256"
+def _config_digest(cfg: dict) -> str: return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 # ---- HF PEFT ----
 
@@ -91,6 +96,7 @@ def config_from_mlx(cfg: dict, model: Any, where: str) -> LoraConfig:
     raise LoraError(f"{where}: num_layers={num_layers!r} but the model has {n_blocks} blocks (<= 0 means all)")
   first = 0 if num_layers <= 0 else n_blocks - num_layers
   keys = params.get("keys") or sorted({p.split(f"layers.{layer_index(p)}.", 1)[1] for p in linears if layer_index(p) is not None})
+  if not isinstance(keys, list): raise LoraError(f"{where}: lora_parameters.keys={keys!r}: expected a list of module keys")
   rank, scale = params["rank"], params["scale"]
   if not isinstance(scale, (int, float)) or isinstance(scale, bool):
     raise LoraError(f"{where}: lora_parameters.scale={scale!r}: expected a number")
@@ -126,7 +132,8 @@ def save_adapter(model: Any, path: str | os.PathLike, format: str = "peft") -> N
   arrays = {k: _numpy(t) for k, t in tensors.items()}
   if bad := [k for k, a in arrays.items() if not np.isfinite(a).all()]:
     raise LoraError(f"refusing to save non-finite adapter tensors: {', '.join(bad[:5])}")
-  write_safetensors(path / weights, arrays, {"format": "pt"} if format == "peft" else {"format": "mlx"})
+  metadata = {"format": "pt" if format == "peft" else "mlx", CONFIG_TAG: _config_digest(cfg)}
+  write_safetensors(path / weights, arrays, metadata)
   write_json(path / CONFIG_FILE, cfg)
 
 def load_adapter(model: Any, path: str | os.PathLike, format: str | None = None) -> Any:
@@ -149,7 +156,7 @@ def load_adapter(model: Any, path: str | os.PathLike, format: str | None = None)
     mlx_scale = float(cfg["lora_parameters"]["scale"])  # used as is, not recomputed through lora_alpha / r
   else: raise LoraError(f"unknown adapter format {format!r}: expected 'peft' or 'mlx'")
   if not weights.exists(): raise FileNotFoundError(f"adapter weights not found: {weights}")
-  tensors, _ = read_safetensors(weights)
+  tensors, metadata = read_safetensors(weights)
   if lora_layers(model): raise LoraError("model already has LoRA adapters; merge_and_unload or unload them before loading another")
 
   # Check every key and shape against what this config would build on this model before touching it.
@@ -178,10 +185,15 @@ def load_adapter(model: Any, path: str | os.PathLike, format: str | None = None)
       raise LoraError(f"{weights}: tensor {k!r} has shape {tuple(tensors[k].shape)}, expected {file_shape(shape)}{rank_note}")
     if not np.issubdtype(tensors[k].dtype, np.floating):
       raise LoraError(f"{weights}: tensor {k!r} has dtype {tensors[k].dtype}, expected a float type")
+    if not np.isfinite(tensors[k]).all(): raise LoraError(f"{weights}: tensor {k!r} holds non-finite values (nan or inf)")
 
-  def init(p: str, layer: LoraLinear):
-    if format == "mlx": layer.scale = mlx_scale
-    for n in "AB":
-      arr = tensors[key_of(p, n)].astype(np.float32)
-      setattr(layer, f"lora_{n}", Tensor(np.ascontiguousarray(arr.T if transposed else arr)).contiguous().realize())
-  return inject(model, config, init=init)
+  if CONFIG_TAG in metadata and metadata[CONFIG_TAG] != _config_digest(cfg):
+    raise LoraError(f"{weights} was saved with a different {CONFIG_FILE} than the one beside it (an interrupted save?)")
+
+  def make(p: str, base: Any) -> LoraLinear:
+    A, B = (tensors[key_of(p, n)].astype(np.float32) for n in "AB")
+    if transposed: A, B = A.T, B.T
+    scale = mlx_scale if format == "mlx" else config.scale(p)
+    return LoraLinear(base, config.rank(p), scale, config.lora_dropout, weights=(Tensor(np.ascontiguousarray(A)),
+                                                                                 Tensor(np.ascontiguousarray(B))))
+  return inject(model, config, make)

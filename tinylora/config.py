@@ -1,6 +1,6 @@
 """LoraConfig: which linears get an adapter and with what rank and scale, with HF PEFT's names and defaults."""
 from __future__ import annotations
-import math, re
+import math, re, sys
 from dataclasses import dataclass, field
 from tinylora.errors import LoraError
 
@@ -14,9 +14,12 @@ def layer_index(path: str) -> int | None:
   m = _LAYER_INDEX.search(path)
   return int(m.group(1)) if m else None
 
-def _pattern_key(patterns: dict, path: str) -> str | None:
+def _pattern_regex(key: str) -> str:
   # PEFT: a rank_pattern/alpha_pattern key is a name or regex matched against the end of the module path
-  return next((k for k in patterns if re.match(rf"(.*\.)?({k})$", path)), None)
+  return rf"(.*\.)?({key})$"
+
+def _pattern_key(patterns: dict, path: str) -> str | None:
+  return next((k for k in patterns if re.match(_pattern_regex(k), path)), None)
 
 @dataclass
 class LoraConfig:
@@ -40,12 +43,13 @@ class LoraConfig:
     def check(ok: bool, what: str, value, expected: str):
       if not ok: raise LoraError(f"LoraConfig.{what} = {value!r}: expected {expected}")
     def is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
-    def is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    # abs(v) <= float max rejects nan, inf and ints too large for a float (math.isfinite would raise OverflowError)
+    def is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= sys.float_info.max
     check(is_int(self.r) and self.r >= 1, "r", self.r, "an integer >= 1")
     check(is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "a finite number > 0")
     check(is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout,
           "a number in [0, 1)")
-    if isinstance(self.target_modules, (set, tuple)): self.target_modules = sorted(self.target_modules)
+    if isinstance(self.target_modules, (set, tuple)): self.target_modules = sorted(self.target_modules, key=str)
     if isinstance(self.target_modules, str):
       check(bool(self.target_modules), "target_modules", self.target_modules, "a non-empty regex or 'all-linear'")
       try: re.compile(self.target_modules)
@@ -61,10 +65,15 @@ class LoraConfig:
           "None, or a list of block indices >= 0")
     check(self.init_lora_weights in (True, False, "gaussian"), "init_lora_weights", self.init_lora_weights,
           "True, False or 'gaussian'")
-    check(isinstance(self.rank_pattern, dict) and all(is_int(v) and v >= 1 for v in self.rank_pattern.values()),
+    check(isinstance(self.rank_pattern, dict) and all(isinstance(k, str) and is_int(v) and v >= 1
+                                                      for k, v in self.rank_pattern.items()),
           "rank_pattern", self.rank_pattern, "a dict of module name/regex -> integer rank >= 1")
-    check(isinstance(self.alpha_pattern, dict) and all(is_number(v) and v > 0 for v in self.alpha_pattern.values()),
+    check(isinstance(self.alpha_pattern, dict) and all(isinstance(k, str) and is_number(v) and v > 0
+                                                       for k, v in self.alpha_pattern.items()),
           "alpha_pattern", self.alpha_pattern, "a dict of module name/regex -> alpha > 0")
+    for k in [*self.rank_pattern, *self.alpha_pattern]:
+      try: re.compile(_pattern_regex(k))
+      except re.error as e: raise LoraError(f"LoraConfig pattern key {k!r} is not a valid regex: {e}") from None
 
   def matches(self, path: str) -> bool:
     """Whether the linear at dotted `path` gets an adapter (PEFT's matching rules)."""

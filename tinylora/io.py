@@ -1,6 +1,6 @@
 """Crash-safe file writes and checked safetensors reads shared by adapters, checkpoints and merged models."""
 from __future__ import annotations
-import contextlib, json, os, pathlib, struct, tempfile
+import contextlib, json, math, os, pathlib, struct, tempfile
 from typing import Iterator
 import numpy as np
 from tinylora.errors import LoraError
@@ -31,7 +31,8 @@ def read_json(path: str | os.PathLike) -> dict:
   path = pathlib.Path(path)
   try: obj = json.loads(path.read_text())
   except FileNotFoundError: raise
-  except (json.JSONDecodeError, UnicodeDecodeError) as e: raise LoraError(f"{path}: invalid JSON ({e})") from e
+  # ValueError: JSONDecodeError, UnicodeDecodeError, an integer over the digit limit; RecursionError: deep nesting
+  except (ValueError, RecursionError) as e: raise LoraError(f"{path}: invalid JSON ({e})") from e
   if not isinstance(obj, dict): raise LoraError(f"{path}: expected a JSON object, found {type(obj).__name__}")
   return obj
 
@@ -49,7 +50,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
   (n,) = struct.unpack("<Q", data[:8])
   if n > len(data) - 8: raise bad(f"header says {n} bytes but only {len(data) - 8} follow")
   try: header = json.loads(data[8:8 + n])
-  except (json.JSONDecodeError, UnicodeDecodeError) as e: raise bad(f"header is not JSON: {e}") from e
+  except (ValueError, RecursionError) as e: raise bad(f"header is not JSON: {e}") from e
   if not isinstance(header, dict): raise bad("header is not a JSON object")
   metadata = header.pop("__metadata__", None) or {}
   if not isinstance(metadata, dict): raise bad("__metadata__ is not an object")
@@ -59,10 +60,11 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
       dtype, shape, (start, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
       if any(s < 0 for s in shape): raise ValueError("negative dimension")
     except (TypeError, KeyError, ValueError) as e: raise bad(f"entry {key!r} is malformed: {e}") from e
-    if dtype != "BF16" and dtype not in _NP_DTYPES: raise bad(f"tensor {key!r} has unsupported dtype {dtype}")
+    if dtype != "BF16" and (not isinstance(dtype, str) or dtype not in _NP_DTYPES):
+      raise bad(f"tensor {key!r} has unsupported dtype {dtype}")
     itemsize = 2 if dtype == "BF16" else np.dtype(_NP_DTYPES[dtype]).itemsize
     if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= len(body)) or \
-       end - start != itemsize * int(np.prod(shape)):
+       end - start != itemsize * math.prod(shape):  # np.prod would wrap around
       raise bad(f"tensor {key!r} of dtype {dtype} and shape {shape} does not fit offsets [{start}, {end}) "
                 f"in a {len(body)}-byte body")
     raw = body[start:end]

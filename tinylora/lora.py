@@ -10,14 +10,20 @@ from tinylora.tree import named_modules, replace_module
 
 class LoraLinear:
   """y = base(x) + dropout(x) @ A.T @ B.T * scale, with A (r, in) and B (out, r) as in HF PEFT."""
-  def __init__(self, base: Any, r: int, scale: float, dropout: float = 0.0, init: bool | str = True):
+  def __init__(self, base: Any, r: int, scale: float, dropout: float = 0.0, init: bool | str = True,
+               weights: tuple[Tensor, Tensor] | None = None):
+    """`init` as LoraConfig.init_lora_weights; `weights` = (A, B) to start from instead (e.g. read from a file)."""
     shape = linear_shape(base)
     if shape is None: raise LoraError(f"LoraLinear wraps nn.Linear or a quantized linear, not {type(base).__name__}")
     out_features, in_features = shape
     self.base, self.r, self.scale, self.dropout = base, r, scale, dropout
-    if init == "gaussian": A = Tensor.randn(r, in_features) / r
-    else: A = Tensor.uniform(r, in_features, low=-1 / math.sqrt(in_features), high=1 / math.sqrt(in_features))
-    B = Tensor.zeros(out_features, r) if init else Tensor.uniform(out_features, r, low=-1 / math.sqrt(r), high=1 / math.sqrt(r))
+    if weights is not None: A, B = weights
+    else:
+      if init == "gaussian": A = Tensor.randn(r, in_features) / r
+      else: A = Tensor.uniform(r, in_features, low=-1 / math.sqrt(in_features), high=1 / math.sqrt(in_features))
+      B = Tensor.zeros(out_features, r) if init else Tensor.uniform(out_features, r, low=-1 / math.sqrt(r), high=1 / math.sqrt(r))
+    if A.shape != (r, in_features) or B.shape != (out_features, r):
+      raise LoraError(f"LoRA A {A.shape} / B {B.shape} do not fit rank {r} on a ({out_features}, {in_features}) linear")
     # realized now: a lazy constant would be folded into a TinyJit's kernels and never see optimizer updates
     self.lora_A, self.lora_B = A.contiguous().realize(), B.contiguous().realize()
     self.merged, self.enabled = False, True
@@ -76,9 +82,10 @@ def adaptable_linears(model: Any) -> dict[str, tuple[int, int]]:
   """(out, in) of every linear in the model that an adapter could wrap, by dotted path."""
   return {path: s for path, m, _, _ in named_modules(model) if (s := linear_shape(m)) is not None}
 
-def inject(model: Any, config: LoraConfig, init: Callable[[str, LoraLinear], None] | None = None) -> Any:
+def inject(model: Any, config: LoraConfig, make: Callable[[str, Any], LoraLinear] | None = None) -> Any:
   """Wraps every linear that `config` targets in a LoraLinear, in place, and freezes all other tensors.
-  `init(path, layer)` may set A and B before anything is changed (used by load_adapter). Returns the model."""
+  `make(path, base)` may build the layers instead (load_adapter does, from file tensors); every layer is built before
+  the model is changed. Returns the model."""
   if existing := lora_layers(model):
     raise LoraError(f"model already has LoRA adapters (e.g. {next(iter(existing))}); merge_and_unload or remove them first")
   targets = [(p, m, parent, k) for p, m, parent, k in named_modules(model) if linear_shape(m) and config.matches(p)]
@@ -86,12 +93,10 @@ def inject(model: Any, config: LoraConfig, init: Callable[[str, LoraLinear], Non
     names = sorted(adaptable_linears(model))
     raise LoraError(f"target_modules={config.target_modules!r} (layers_to_transform={config.layers_to_transform}) "
                     f"matches no linear in the model; linears are: {', '.join(names) or 'none'}")
-  layers = [(p, parent, k, LoraLinear(m, config.rank(p), config.scale(p), config.lora_dropout, config.init_lora_weights))
-            for p, m, parent, k in targets]
-  if init is not None:
-    for p, _, _, layer in layers: init(p, layer)
+  make = make or (lambda p, m: LoraLinear(m, config.rank(p), config.scale(p), config.lora_dropout, config.init_lora_weights))
+  layers = [(parent, k, make(p, m)) for p, m, parent, k in targets]
   for t in nn.state.get_parameters(model): t.is_param_(False)
-  for _, parent, k, layer in layers:
+  for parent, k, layer in layers:
     layer.config = config
     replace_module(parent, k, layer)
   return model

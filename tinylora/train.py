@@ -56,7 +56,8 @@ class Trainer:
 
   def _accumulate_fn(self, tokens: Tensor, targets: Tensor, mask: Tensor, keep: Tensor) -> Tensor:
     loss = self.loss_fn(self.model, tokens, targets, mask)
-    acc = [g.assign(g * keep + d) for g, d in zip(self.grads, loss.gradient(*self.params))]
+    # where, not g * keep: a refused step's nan would survive multiplication by 0 and poison every later step
+    acc = [g.assign((keep != 0).where(g, 0) + d) for g, d in zip(self.grads, loss.gradient(*self.params))]
     norm = Tensor.stack(*[a.float().square().sum() for a in acc]).sum().sqrt()
     return Tensor.stack(loss.float(), norm).realize(*acc)
 
@@ -122,8 +123,12 @@ class Trainer:
   def load_checkpoint(self, directory: str | os.PathLike) -> dict:
     """Restores LoRA tensors, optimizer state and step from the checkpoint `latest.json` names; returns its state."""
     directory = pathlib.Path(directory)
-    ckpt = directory / read_json(directory / "latest.json")["checkpoint"]
+    name = read_json(directory / "latest.json").get("checkpoint")
+    if not isinstance(name, str) or not name.startswith("step_"):
+      raise LoraError(f"{directory / 'latest.json'}: expected {{\"checkpoint\": \"step_NNNNNN\"}}, found checkpoint={name!r}")
+    ckpt = directory / name
     state = read_json(ckpt / "trainer_state.json")
+    if not isinstance(state.get("step"), int): raise LoraError(f"{ckpt / 'trainer_state.json'}: no integer 'step'")
     opt, _ = read_safetensors(ckpt / "optimizer.safetensors")
     adapter, _ = read_safetensors(ckpt / PEFT_WEIGHTS)
     layers = lora_layers(self.model)
@@ -135,6 +140,7 @@ class Trainer:
       if k not in arrays: raise LoraError(f"{ckpt}: checkpoint has no tensor {k!r}")
       if tuple(arrays[k].shape) != tuple(t.shape):
         raise LoraError(f"{ckpt}: tensor {k!r} has shape {tuple(arrays[k].shape)}, expected {tuple(t.shape)}")
+      if not np.isfinite(arrays[k]).all(): raise LoraError(f"{ckpt}: tensor {k!r} holds non-finite values")
     for k, t in targets.items(): t.assign(Tensor(arrays[k].astype(np.float32), dtype=t.dtype)).realize()
     self.step = int(state["step"])
     return state
