@@ -4,7 +4,7 @@ from tinygrad import Tensor, nn, GlobalCounters
 from tinygrad.helpers import Context
 import tinylora as tl
 from tinylora import LoraConfig, LoraError
-from conftest import TinyLM
+
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -74,7 +74,6 @@ def test_unload_restores_base(tiny_lm, tokens):
 
 def test_merge_refuses_non_finite(tiny_lm, tokens):
   tl.inject(tiny_lm, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
-  before = tiny_lm(tokens).numpy()
   layers = list(tl.lora_layers(tiny_lm).values())
   layers[-1].lora_B.assign(Tensor.full(layers[-1].lora_B.shape, float("inf"))).realize()
   weights = [l.base.weight.numpy().copy() for l in layers]

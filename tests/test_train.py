@@ -1,4 +1,3 @@
-import math
 import numpy as np, pytest
 from tinygrad import Tensor, nn
 import tinylora as tl

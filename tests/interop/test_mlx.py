@@ -4,7 +4,7 @@ import json
 import pytest
 import tinylora as tl
 from tinylora.models import load_pretrained
-from .common import assert_close, mlx_loading_saved, mlx_logits, tl_logits
+from .common import assert_close, mlx_load, mlx_loading_saved, mlx_logits, tl_logits
 from .conftest import MLX_VARIANTS, QUANT_VARIANTS
 
 pytestmark = pytest.mark.interop
@@ -47,3 +47,13 @@ def test_mlx_adapter_on_quantized_checkpoint(mlx_quantized_adapters, tmp_path, n
   tl.save_adapter(model, tmp_path, format="mlx")
   assert_close(f"quant {name}: tinylora-saved adapter on the 4-bit model in mlx-lm vs original",
                mlx_logits(mlx_loading_saved(model, ref.base, tmp_path)), ref.logits)
+
+@pytest.mark.parametrize("name", ["llama", "llama_tied"])
+def test_tinylora_quantized_checkpoint_loads_in_mlx_lm(needs_mlx, hf_models, tmp_path, name):
+  """quantize + save_pretrained writes what mlx-lm's own loader reads, with the same logits (and bit-equal codes)."""
+  from tinylora.models import save_pretrained
+  from tinylora.quant import quantize
+  model = quantize(load_pretrained(hf_models[name]), bits=4, group_size=32)
+  save_pretrained(model, tmp_path)
+  mlx_model, _ = mlx_load(tmp_path)
+  assert_close(f"quant {name}: tinylora quantize + save_pretrained, loaded by mlx-lm", mlx_logits(mlx_model), tl_logits(model))

@@ -1,0 +1,70 @@
+"""QLoRA memory and speed: the same model with an fp16, 8-bit and 4-bit (group 64) base, LoRA r=16 on all seven
+projections, AdamW through tinylora's Trainer. Prints weight bytes, peak bytes allocated during training steps, the
+largest buffer a step allocates (a dequantized copy of a frozen weight would show up here), tokens/s, and the model
+sizes that fit a memory budget at these bytes per parameter.
+
+  python bench/qlora.py [--hidden 256 --layers 2 --ffn 704 --vocab 1024 --batch 2 --seq 128 --steps 6] [--json out.json]
+"""
+import argparse, json, pathlib, tempfile, time
+import numpy as np
+from tinygrad import Device, GlobalCounters, Tensor, dtypes, nn
+from tinygrad.device import Buffer
+import tinylora as tl
+from tinylora.models import Model, load_pretrained, save_pretrained
+from tinylora.quant import quantize
+from tinylora.train import Trainer, TrainConfig
+
+def unique_bytes(model) -> int:
+  return sum(t.nbytes() for t in {id(t): t for t in nn.state.get_state_dict(model).values()}.values())
+
+def run(model, args) -> dict:
+  weights = unique_bytes(model)  # already allocated: the peak below adds what training allocates on top
+  tl.inject(model, tl.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+  trainer = Trainer(model, TrainConfig(lr=1e-3, iters=args.steps))
+  rng = np.random.default_rng(0)
+  tok = rng.integers(0, args.vocab, (args.batch, args.seq + 1)).astype(np.int32)
+  batch = (tok[:, :-1], tok[:, 1:], np.ones((args.batch, args.seq), np.float32))
+  sizes, allocate, start = [], Buffer.allocate, GlobalCounters.mem_used
+  peak = [start]
+  def tracking(self, *a, **kw):
+    ret = allocate(self, *a, **kw)
+    sizes.append(self.nbytes)
+    peak[0] = max(peak[0], GlobalCounters.mem_used)
+    return ret
+  Buffer.allocate = tracking
+  try:
+    times = []
+    for _ in range(args.steps):
+      t = time.perf_counter(); trainer.train_step([batch]); times.append(time.perf_counter() - t)
+  finally: Buffer.allocate = allocate
+  steady = float(np.median(times[2:])) if len(times) > 2 else times[-1]
+  return {"weight_bytes": weights, "peak_bytes": peak[0] - start + weights, "largest_step_buffer": max(sizes),
+          "tokens_per_s": args.batch * args.seq / steady, "first_step_s": times[0]}
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  for k, v in dict(hidden=256, layers=2, heads=8, kv_heads=4, ffn=704, vocab=1024, batch=2, seq=128, steps=6).items():
+    p.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
+  p.add_argument("--json")
+  args = p.parse_args()
+  cfg = {"model_type": "llama", "hidden_size": args.hidden, "intermediate_size": args.ffn, "num_hidden_layers": args.layers,
+         "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads, "vocab_size": args.vocab,
+         "max_position_embeddings": args.seq}
+  Tensor.manual_seed(0)
+  with tempfile.TemporaryDirectory() as d:
+    save_pretrained(Model.from_config(cfg), d, dtype=dtypes.float16)
+    results = {"fp16": run(load_pretrained(d), args),
+               "8-bit g64": run(quantize(load_pretrained(d), bits=8, group_size=64), args),
+               "4-bit g64": run(quantize(load_pretrained(d), bits=4, group_size=64), args)}
+  fp16 = results["fp16"]["weight_bytes"]
+  d_ff_max = max(args.hidden * args.ffn, args.hidden * args.vocab)
+  print(f"device {Device.DEFAULT}; model {cfg}; batch {args.batch}x{args.seq}")
+  print(f"{'base':10} {'weights MB':>10} {'x fp16':>7} {'peak MB':>8} {'largest step buffer MB':>23} {'tok/s':>7} {'first step s':>13}")
+  for name, r in results.items():
+    print(f"{name:10} {r['weight_bytes'] / 1e6:10.2f} {r['weight_bytes'] / fp16:7.3f} {r['peak_bytes'] / 1e6:8.2f} "
+          f"{r['largest_step_buffer'] / 1e6:23.2f} {r['tokens_per_s']:7.0f} {r['first_step_s']:13.1f}")
+  print(f"(one fp32 copy of the largest frozen weight would be {d_ff_max * 4 / 1e6:.2f} MB)")
+  if args.json: pathlib.Path(args.json).write_text(json.dumps({"config": cfg, "results": results}, indent=2))
+
+if __name__ == "__main__":
+  main()
