@@ -1,0 +1,318 @@
+"""tinylora benchmarks. Prints markdown tables and, with --json, writes every number to a file.
+
+  linear   one LoRA linear vs its base linear (T tokens, d x d): kernels, FLOPs and time for the forward and for
+           forward + gradients (dx, dA, dB; the base: dx), next to the alternatives for the LoRA forward and the merged
+           linear. Times are medians of interleaved TinyJit replays on realized inputs.
+  model    Llama d=512, 4 layers, 8/4 heads, ffn 1376, vocab 4096, LoRA r=16 on q,k,v,o,gate,up,down, batch 4x256,
+           AdamW through tinylora's Trainer: FLOP ratios, kernels per step, tokens/s, peak memory, summed kernel time.
+  torch    torch + PEFT tokens/s on the same model and batch (skipped when torch, transformers or peft is missing).
+  startup  time to the first train step in fresh processes, with an empty compile cache (CACHEDB in a temp dir) and
+           again with that cache filled.
+
+  python bench/run.py                                  # linear, model, torch, startup
+  python bench/run.py --quick                          # d=1024, r=16, fewer steps, no startup
+  python bench/run.py --sections linear --dims 1024,2048,4096 --ranks 8,16,64 --json out.json
+tinygrad's own settings pass through the environment (e.g. BEAM=1, DEBUG=2); the device is --device or DEV.
+"""
+from __future__ import annotations
+from typing import Callable
+import argparse, contextlib, io, json, os, platform, re, statistics, subprocess, sys, tempfile, time
+START = time.perf_counter()
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from tinygrad import Tensor, TinyJit, GlobalCounters, Device, nn
+from tinygrad.device import Buffer
+from tinygrad.helpers import Context, DEV
+from tinylora import LoraConfig, LoraLinear, inject
+from tinylora.models.llama import Model
+from tinylora.train import Trainer, TrainConfig
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODEL = dict(model_type="llama", hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=4, vocab_size=4096, max_position_embeddings=256)
+
+def sync(): Device[Device.DEFAULT].synchronize()
+
+def timed(fn, *args) -> float:
+  st = time.perf_counter()
+  fn(*args)
+  sync()
+  return time.perf_counter() - st
+
+def counted(fn, *args) -> tuple[int, int]:
+  """(kernels, FLOPs) of one call."""
+  GlobalCounters.reset()
+  fn(*args)
+  sync()
+  return GlobalCounters.kernel_count, GlobalCounters.global_ops
+
+def interleaved(fns: dict, args: tuple, reps: int) -> dict[str, list[float]]:
+  """Times every function `reps` times, alternating between them so that a load change hits all alike."""
+  times = {k: [] for k in fns}
+  for _ in range(reps):
+    for k, fn in fns.items(): times[k].append(timed(fn, *args))
+  return times
+
+# ---- one LoRA linear
+
+def linear_case(d: int, r: int, T: int, reps: int) -> list[dict]:
+  Tensor.manual_seed(0)
+  layer = LoraLinear(nn.Linear(d, d, bias=False), r, scale=2.0, init=False)  # B random too, so merging changes W
+  Tensor.realize(*nn.state.get_parameters(layer))  # nn.Linear leaves its random init lazy
+  W, A, B, s = layer.base.weight, layer.lora_A, layer.lora_B, layer.scale
+  merged = layer.fuse()
+  x, g = Tensor.randn(T, d).realize(), Tensor.randn(T, d).realize()
+  forwards = {
+    "base": layer.base,
+    "lora (tinylora)": layer,
+    "fused x@W.T+(x@A.T)@B.T*s": lambda x: x @ W.T + (x @ A.T) @ B.T * s,
+    "merged on the fly x@(W+s*B@A).T": lambda x: x @ (W + s * B @ A).T,
+    "merged (fuse())": merged,
+  }
+  def with_grads(f, *targets):  # the output, and the gradients training needs: dx (for the layers below), dA, dB
+    def fn(x):
+      y = f(x)
+      return [y, *(y * g).sum().gradient(x, *targets)]
+    return fn
+  backwards = {"base": with_grads(layer.base), "lora (tinylora)": with_grads(layer, A, B),
+               "fused x@W.T+(x@A.T)@B.T*s": with_grads(forwards["fused x@W.T+(x@A.T)@B.T*s"], A, B)}
+  rows = []
+  for mode, fns in (("forward", forwards), ("fwd+grad", backwards)):
+    jits = {k: TinyJit(lambda x, f=f: Tensor.realize(*(out if isinstance(out := f(x), list) else [out]))) for k, f in fns.items()}
+    for j in jits.values():
+      for _ in range(3): j(x)  # run, capture, replay
+    counts = {k: counted(j, x) for k, j in jits.items()}
+    times = interleaved(jits, (x,), reps)
+    base_t, (base_k, base_f) = statistics.median(times["base"]), counts["base"]
+    for k in jits:
+      t = statistics.median(times[k])
+      rows.append(dict(d=d, r=r, tokens=T, mode=mode, variant=k, kernels=counts[k][0], extra_kernels=counts[k][0] - base_k,
+                       gflop=counts[k][1] / 1e9, flop_ratio=counts[k][1] / base_f, ms=t * 1e3, ms_min=min(times[k]) * 1e3,
+                       time_ratio=t / base_t, gflops=counts[k][1] / t / 1e9))
+  return rows
+
+# ---- the model
+
+def analytic_forward_flops(cfg: dict, batch: int, seq: int, r: int) -> dict:
+  """2 x (weights used in matmuls) x tokens + attention 4 x batch x layers x heads x seq^2 x head_dim. The weights are
+  the 7 projections per layer, the LoRA A and B of each, and lm_head (the embedding is a lookup, norms are not counted);
+  attention counts q@k.T and probs@v over the full seq x seq square (the causal mask is applied, not skipped)."""
+  d, f, L, H, kv = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                      "num_key_value_heads"))
+  hd = d // H
+  shapes = [(d, H * hd), (d, kv * hd), (d, kv * hd), (H * hd, d), (d, f), (d, f), (f, d)]  # (in, out)
+  base = L * sum(i * o for i, o in shapes) + d * cfg["vocab_size"]
+  lora = L * sum(r * (i + o) for i, o in shapes)
+  tokens, attention = batch * seq, 4 * batch * L * H * seq * seq * hd
+  return dict(params=base + lora, flops=2 * (base + lora) * tokens + attention, attention_flops=attention)
+
+def build_model(cfg: dict, r: int) -> Model:
+  Tensor.manual_seed(0)
+  model = Model.from_config(cfg)
+  return inject(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False))
+
+def make_batch(cfg: dict, batch: int, seq: int):
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg["vocab_size"], (batch, seq + 1)).astype(np.int32)
+  return tokens[:, :-1].copy(), tokens[:, 1:].copy(), np.ones((batch, seq), np.float32)
+
+KERNEL_LINE = re.compile(r"\*\*\* \S+\s+\d+ (\S+)\s+arg\s+\d+ mem\s+\S+ GB tm\s+([\d.]+)(us|ms|s)/")
+
+def kernel_profile(step) -> tuple[float, list[tuple[str, int, float]]]:
+  """Runs `step` with DEBUG=2 (tinygrad then waits for and times every kernel): (summed kernel time, the kernels
+  by name as (name, count, seconds), slowest first)."""
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out), Context(DEBUG=2):
+    GlobalCounters.reset()
+    step()
+    total = GlobalCounters.time_sum_s
+  by_name: dict[str, list] = {}
+  for line in out.getvalue().splitlines():
+    if m := KERNEL_LINE.match(re.sub(r"\x1b\[[0-9;]*m", "", line)):
+      e = by_name.setdefault(m.group(1), [0, 0.0])
+      e[0] += 1
+      e[1] += float(m.group(2)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(3)]
+  return total, sorted(((k, n, t) for k, (n, t) in by_name.items()), key=lambda e: -e[2])
+
+@contextlib.contextmanager
+def peak_memory():
+  """Yields [high-water mark of GlobalCounters.mem_used, the bytes tinygrad has allocated], kept up to date."""
+  peak, allocate = [GlobalCounters.mem_used], Buffer.allocate
+  def tracked(self, *a, **kw):
+    ret = allocate(self, *a, **kw)
+    peak[0] = max(peak[0], GlobalCounters.mem_used)
+    return ret
+  Buffer.allocate = tracked
+  try: yield peak
+  finally: Buffer.allocate = allocate
+
+def model_setup(cfg: dict, batch: int, seq: int, r: int) -> tuple[dict, Callable]:
+  """Builds the model and its Trainer, counts FLOPs and kernels and runs the first (compiling) steps."""
+  model = build_model(cfg, r)
+  tokens, targets, mask = make_batch(cfg, batch, seq)
+  fwd_kernels, fwd_flops = counted(lambda: model(Tensor(tokens)).realize())
+  trainer = Trainer(model, TrainConfig(lr=1e-4, warmup=0))
+  def step(): trainer.train_step([(tokens, targets, mask)])
+  first = [timed(step) for _ in range(2)]  # eager + compile, then JIT capture
+  step_kernels, step_flops = counted(step)
+  analytic = analytic_forward_flops(cfg, batch, seq, r)
+  return dict(config=cfg, batch=batch, seq=seq, r=r, lora_params=sum(p.numel() for p in trainer.params),
+              forward_gflop=fwd_flops / 1e9, forward_kernels=fwd_kernels, analytic_gflop=analytic["flops"] / 1e9,
+              forward_vs_analytic=fwd_flops / analytic["flops"], step_gflop=step_flops / 1e9,
+              step_vs_forward=step_flops / fwd_flops, kernels_per_step=step_kernels, first_steps_s=first), step
+
+def torch_setup(cfg: dict, batch: int, seq: int, r: int) -> tuple[dict, Callable | None, Callable | None]:
+  """The same model, batch, loss, LoRA and AdamW (with gradient clipping) in torch + PEFT, warmed up. The step runs
+  with torch's default thread count; step_1thread with one thread (tinygrad's CPU device runs each kernel on one core)."""
+  try:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from peft import LoraConfig as PeftConfig, get_peft_model
+  except ImportError as e: return dict(skipped=str(e)), None, None
+  torch.manual_seed(0)
+  hf = LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
+  model = get_peft_model(LlamaForCausalLM(hf), PeftConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0))
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+  tokens, targets, mask = (torch.from_numpy(a) for a in make_batch(cfg, batch, seq))
+  def step():
+    logits = model(input_ids=tokens).logits.float().flatten(0, 1)
+    nll = torch.nn.functional.cross_entropy(logits, targets.flatten().long(), reduction="none")
+    loss = (nll * mask.flatten()).sum() / mask.sum()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad()
+  for _ in range(2): step()
+  threads = torch.get_num_threads()
+  def step_1thread():
+    torch.set_num_threads(1)
+    try: step()
+    finally: torch.set_num_threads(threads)
+  return dict(torch=torch.__version__, threads=threads, attention=model.config._attn_implementation), step, step_1thread
+
+def model_bench(args, with_torch: bool) -> dict:
+  """Model steps, and torch steps when asked, timed alternately so that both see the same machine load."""
+  with peak_memory() as peak:
+    m, step = model_setup(MODEL, args.batch, args.seq, 16)
+    t, torch_step, torch_1thread = torch_setup(MODEL, args.batch, args.seq, 16) if with_torch else (None, None, None)
+    steps = {"tinygrad": step} | ({"torch": torch_step, "torch_1thread": torch_1thread} if torch_step else {})
+    times = interleaved(steps, (), args.steps)
+    kernel_sum, kernels = kernel_profile(step)
+  n, step_t = args.batch * args.seq, statistics.median(times["tinygrad"])
+  m.update(step_s=step_t, step_s_min=min(times["tinygrad"]), tokens_per_s=n / step_t, step_gflops=m["step_gflop"] / step_t,
+           kernel_time_sum_s=kernel_sum, step_vs_kernel_sum=step_t / kernel_sum, peak_mem_mb=peak[0] / 1e6,
+           top_kernels=[dict(name=k, count=c, ms=s * 1e3, share=s / kernel_sum) for k, c, s in kernels[:args.top]])
+  if torch_step:
+    tt, t1 = statistics.median(times["torch"]), statistics.median(times["torch_1thread"])
+    t.update(step_s=tt, step_s_min=min(times["torch"]), tokens_per_s=n / tt, ratio=tt / step_t,
+             ratio_min=min(times["torch"]) / min(times["tinygrad"]), step_1thread_s=t1, tokens_per_s_1thread=n / t1,
+             ratio_1thread=t1 / step_t)
+  return dict(model=m, torch=t) if with_torch else dict(model=m)
+
+def startup_child(cfg: dict, batch: int, seq: int, r: int) -> dict:
+  built = time.perf_counter()
+  model = build_model(cfg, r)
+  trainer, batches = Trainer(model, TrainConfig(lr=1e-4, warmup=0)), [make_batch(cfg, batch, seq)]
+  ready = time.perf_counter()
+  steps = [timed(trainer.train_step, batches) for _ in range(3)]
+  return dict(import_s=built - START, build_s=ready - built, first_step_s=steps[0], capture_step_s=steps[1],
+              replay_step_s=steps[2], to_first_step_s=ready - START + steps[0])
+
+def startup_bench(args) -> dict:
+  """Two fresh processes sharing a new, empty compile cache: the first compiles everything, the second finds it cached."""
+  with tempfile.TemporaryDirectory() as tmp:
+    env = dict(os.environ, CACHEDB=os.path.join(tmp, "cache.db"), DEV=args.device)
+    cmd = [sys.executable, os.path.abspath(__file__), "--startup-child", "--batch", str(args.batch), "--seq", str(args.seq)]
+    runs = [json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            for _ in range(2)]
+  return dict(cold=runs[0], warm=runs[1])
+
+# ---- output
+
+def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+  """A markdown table; cols are (key, header, format)."""
+  lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+  lines += ["| " + " | ".join(format(row[k], f) for k, _, f in cols) + " |" for row in rows]
+  return "\n".join(lines)
+
+def machine() -> dict:
+  cpu = platform.processor()
+  if os.path.exists("/proc/cpuinfo"):
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), cpu)
+  return dict(cpu=cpu, cores=os.cpu_count(), device=Device.DEFAULT, python=platform.python_version(),
+              load_avg=os.getloadavg() if hasattr(os, "getloadavg") else None)
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--sections", default="linear,model,torch,startup", help="comma-separated: linear,model,torch,startup")
+  p.add_argument("--dims", default="1024,2048", help="linear: d values (4096 works, slowly on a CPU)")
+  p.add_argument("--ranks", default="8,16,64", help="linear: LoRA ranks")
+  p.add_argument("--tokens", type=int, default=512, help="linear: tokens")
+  p.add_argument("--reps", type=int, default=7, help="linear: timed replays per variant")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--steps", type=int, default=5, help="model and torch: timed steps (alternating)")
+  p.add_argument("--top", type=int, default=10, help="model: slowest kernels to list")
+  p.add_argument("--device", default=os.environ.get("DEV", "CPU"), help="tinygrad device (DEV)")
+  p.add_argument("--quick", action="store_true", help="d=1024, r=16, 3 reps and steps, no startup section")
+  p.add_argument("--json", help="write all results here")
+  p.add_argument("--startup-child", action="store_true", help=argparse.SUPPRESS)
+  args = p.parse_args()
+  DEV.value = args.device
+  sys.stdout.reconfigure(line_buffering=True)
+  if args.startup_child: return print(json.dumps(startup_child(MODEL, args.batch, args.seq, 16)))
+  if args.quick: args.dims, args.ranks, args.reps, args.steps = "1024", "16", 3, 3
+  sections = args.sections.split(",")
+  if args.quick and "--sections" not in sys.argv: sections.remove("startup")
+  res: dict = dict(machine=machine())
+  print(f"# tinylora bench: {res['machine']['cpu']}, {res['machine']['cores']} cores, {Device.DEFAULT}, "
+        f"load {res['machine']['load_avg']}\n")
+  if "linear" in sections:
+    res["linear"] = [row for d in map(int, args.dims.split(",")) for r in map(int, args.ranks.split(","))
+                     for row in linear_case(d, r, args.tokens, args.reps)]
+    print(f"## One linear, {args.tokens} tokens (time: median of {args.reps} TinyJit replays; ratios vs base)\n")
+    print(table(res["linear"], [("d", "d", "d"), ("r", "r", "d"), ("mode", "mode", "s"), ("variant", "variant", "s"),
+                                ("kernels", "kernels", "d"), ("extra_kernels", "extra", "+d"), ("gflop", "GFLOP", ".3f"),
+                                ("flop_ratio", "FLOP ratio", ".3f"), ("ms", "ms", ".2f"), ("time_ratio", "time ratio", ".2f"),
+                                ("gflops", "GFLOP/s", ".1f")]) + "\n")
+  if "model" in sections or "torch" in sections:
+    res.update(model_bench(args, "torch" in sections))
+    m = res["model"]
+    print(f"## Llama d=512, 4 layers, LoRA r=16 on 7 linears, batch {args.batch}x{args.seq}, AdamW (tinylora Trainer)\n")
+    rows = [("forward GFLOP (tinygrad count)", f"{m['forward_gflop']:.2f}"),
+            ("analytic forward GFLOP (2*params*tokens + 4*B*L*H*T^2*hd)", f"{m['analytic_gflop']:.2f}"),
+            ("forward / analytic (target <= 1.25)", f"{m['forward_vs_analytic']:.3f}"),
+            ("train step GFLOP (_accumulate + _apply)", f"{m['step_gflop']:.2f}"),
+            ("train step / forward (target <= 2.2)", f"{m['step_vs_forward']:.3f}"),
+            ("kernels: forward / train step", f"{m['forward_kernels']} / {m['kernels_per_step']}"),
+            ("step time, median (min)", f"{m['step_s']:.3f} s ({m['step_s_min']:.3f} s)"),
+            ("tokens/s (median step)", f"{m['tokens_per_s']:.0f}"), ("GFLOP/s", f"{m['step_gflops']:.1f}"),
+            ("summed kernel time (DEBUG=2)", f"{m['kernel_time_sum_s']:.3f} s"),
+            ("step time / summed kernel time (target <= 1.05)", f"{m['step_vs_kernel_sum']:.3f}"),
+            ("first steps (eager+compile, JIT capture)", ", ".join(f"{t:.1f} s" for t in m["first_steps_s"])),
+            ("peak tinygrad memory (mem_used high-water)", f"{m['peak_mem_mb']:.0f} MB")]
+    if (t := res.get("torch")) and "skipped" in t: rows.append(("torch + PEFT", f"skipped ({t['skipped']})"))
+    elif t:
+      rows += [(f"torch {t['torch']} + PEFT ({t['threads']} threads, {t['attention']}): step median (min)",
+                f"{t['step_s']:.3f} s ({t['step_s_min']:.3f} s)"), ("torch tokens/s", f"{t['tokens_per_s']:.0f}"),
+               ("tinygrad / torch tokens/s, by median (by min) step (target >= 0.25)",
+                f"{t['ratio']:.3f} ({t['ratio_min']:.3f})"),
+               ("torch on 1 thread: step median, tokens/s, tinygrad / torch", f"{t['step_1thread_s']:.3f} s, "
+                f"{t['tokens_per_s_1thread']:.0f}, {t['ratio_1thread']:.3f}")]
+    print(table([dict(k=k, v=v) for k, v in rows], [("k", "quantity", "s"), ("v", "value", "s")]) + "\n")
+    print("slowest kernels in one step:\n")
+    print(table(m["top_kernels"], [("name", "kernel", "s"), ("count", "count", "d"), ("ms", "ms", ".1f"),
+                                   ("share", "share", ".1%")]) + "\n")
+  if "startup" in sections:
+    s = res["startup"] = startup_bench(args)
+    print("## Time to the first train step (fresh processes)\n")
+    print(table([dict(cache=k, **v) for k, v in s.items()],
+                [("cache", "compile cache", "s"), ("import_s", "imports s", ".1f"), ("build_s", "model s", ".1f"),
+                 ("first_step_s", "step 1 s", ".1f"), ("capture_step_s", "step 2 (JIT capture) s", ".1f"),
+                 ("replay_step_s", "step 3 s", ".2f"), ("to_first_step_s", "start to end of step 1 s", ".1f")]) + "\n")
+  res["machine"]["load_avg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+  if args.json:
+    with open(args.json, "w") as f: json.dump(res, f, indent=1)
+
+if __name__ == "__main__": main()
