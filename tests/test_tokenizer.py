@@ -10,8 +10,8 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 @given(st.text())
 def test_byte_round_trip(text):
   tok = ByteTokenizer()
-  assert tok.decode(tok.encode(text)) == text
-  assert tok.encode(text) == list(text.encode())  # hypothesis does not produce the special-token strings
+  assert tok.decode(tok.encode(text)) == text  # special-token strings come back as themselves
+  if not any(s in text for s in ByteTokenizer.SPECIALS): assert tok.encode(text) == list(text.encode())
 
 def test_byte_ids_and_specials():
   tok = ByteTokenizer()
