@@ -5,6 +5,7 @@ from typing import Any, Callable, Iterator
 from tinygrad import Tensor, dtypes, nn
 from tinylora.config import LoraConfig
 from tinylora.errors import LoraError
+from tinylora.linear import base_forward
 from tinylora.quant import QuantizedLinear, linear_shape
 from tinylora.tree import named_modules, replace_module
 
@@ -34,7 +35,7 @@ class LoraLinear:
   def in_features(self) -> int: return self.lora_A.shape[1]
 
   def __call__(self, x: Tensor) -> Tensor:
-    y = self.base(x)
+    y = base_forward(self.base, x)
     if self.merged or not self.enabled: return y
     h = x.cast(self.lora_A.dtype).dropout(self.dropout) if self.dropout else x.cast(self.lora_A.dtype)
     # the low-rank delta in its own small kernels, added in the base matmul's epilogue: a kernel holding both
