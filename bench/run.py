@@ -12,6 +12,7 @@
   python bench/run.py                                  # linear, model, torch, startup
   python bench/run.py --quick                          # d=1024, r=16, fewer steps, no startup
   python bench/run.py --sections linear --dims 1024,2048,4096 --ranks 8,16,64 --json out.json
+  python bench/run.py --device CUDA --torch-device cuda --model '{"hidden_size": 2048, "num_hidden_layers": 8}'
 tinygrad's own settings pass through the environment (e.g. BEAM=1, DEBUG=2); the device is --device or DEV.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tinygrad import Tensor, TinyJit, GlobalCounters, Device, nn
 from tinygrad.device import Buffer
 from tinygrad.helpers import Context, DEV
 from tinylora import LoraConfig, LoraLinear, inject
+from tinylora.linear import base_forward
 from tinylora.models.llama import Model
 from tinylora.train import Trainer, TrainConfig
 
@@ -33,10 +35,10 @@ MODEL = dict(model_type="llama", hidden_size=512, intermediate_size=1376, num_hi
 
 def sync(): Device[Device.DEFAULT].synchronize()
 
-def timed(fn, *args) -> float:
+def timed(fn, *args, wait: bool = True) -> float:
   st = time.perf_counter()
   fn(*args)
-  sync()
+  if wait: sync()
   return time.perf_counter() - st
 
 def counted(fn, *args) -> tuple[int, int]:
@@ -46,11 +48,11 @@ def counted(fn, *args) -> tuple[int, int]:
   sync()
   return GlobalCounters.kernel_count, GlobalCounters.global_ops
 
-def interleaved(fns: dict, args: tuple, reps: int) -> dict[str, list[float]]:
+def interleaved(fns: dict, args: tuple, reps: int, wait: bool = True) -> dict[str, list[float]]:
   """Times every function `reps` times, alternating between them so that a load change hits all alike."""
   times = {k: [] for k in fns}
   for _ in range(reps):
-    for k, fn in fns.items(): times[k].append(timed(fn, *args))
+    for k, fn in fns.items(): times[k].append(timed(fn, *args, wait=wait))
   return times
 
 # ---- one LoRA linear
@@ -63,7 +65,7 @@ def linear_case(d: int, r: int, T: int, reps: int) -> list[dict]:
   merged = layer.fuse()
   x, g = Tensor.randn(T, d).realize(), Tensor.randn(T, d).realize()
   forwards = {
-    "base": layer.base,
+    "base": lambda x: base_forward(layer.base, x),  # as LoraLinear calls it (on the CPU with tinylora's backward)
     "lora (tinylora)": layer,
     "fused x@W.T+(x@A.T)@B.T*s": lambda x: x @ W.T + (x @ A.T) @ B.T * s,
     "merged on the fly x@(W+s*B@A).T": lambda x: x @ (W + s * B @ A).T,
@@ -74,7 +76,7 @@ def linear_case(d: int, r: int, T: int, reps: int) -> list[dict]:
       y = f(x)
       return [y, *(y * g).sum().gradient(x, *targets)]
     return fn
-  backwards = {"base": with_grads(layer.base), "lora (tinylora)": with_grads(layer, A, B),
+  backwards = {"base": with_grads(forwards["base"]), "lora (tinylora)": with_grads(layer, A, B),
                "fused x@W.T+(x@A.T)@B.T*s": with_grads(forwards["fused x@W.T+(x@A.T)@B.T*s"], A, B)}
   rows = []
   for mode, fns in (("forward", forwards), ("fwd+grad", backwards)):
@@ -146,6 +148,12 @@ def peak_memory():
   try: yield peak
   finally: Buffer.allocate = allocate
 
+def use_autograd_base_backward():
+  """The variant measured by --base-backward autograd: frozen linears as plain calls, so tinygrad's autograd derives
+  their input gradients instead of tinylora.linear.linear."""
+  import tinylora.lora, tinylora.models.llama
+  tinylora.lora.base_forward = tinylora.models.llama.base_forward = lambda module, x: module(x)
+
 def model_setup(cfg: dict, batch: int, seq: int, r: int) -> tuple[dict, Callable]:
   """Builds the model and its Trainer, counts FLOPs and kernels and runs the first (compiling) steps."""
   model = build_model(cfg, r)
@@ -161,9 +169,10 @@ def model_setup(cfg: dict, batch: int, seq: int, r: int) -> tuple[dict, Callable
               forward_vs_analytic=fwd_flops / analytic["flops"], step_gflop=step_flops / 1e9,
               step_vs_forward=step_flops / fwd_flops, kernels_per_step=step_kernels, first_steps_s=first), step
 
-def torch_setup(cfg: dict, batch: int, seq: int, r: int) -> tuple[dict, Callable | None, Callable | None]:
-  """The same model, batch, loss, LoRA and AdamW (with gradient clipping) in torch + PEFT, warmed up. The step runs
-  with torch's default thread count; step_1thread with one thread (tinygrad's CPU device runs each kernel on one core)."""
+def torch_setup(cfg: dict, batch: int, seq: int, r: int, device: str) -> tuple[dict, Callable | None, Callable | None]:
+  """The same model, batch, loss, LoRA and AdamW (with gradient clipping) in torch + PEFT, warmed up. On the CPU the
+  step runs with torch's default thread count and step_1thread with one thread (tinygrad's CPU device runs each kernel
+  on one core); on a GPU step_1thread is None."""
   try:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -172,9 +181,10 @@ def torch_setup(cfg: dict, batch: int, seq: int, r: int) -> tuple[dict, Callable
   torch.manual_seed(0)
   hf = LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
   model = get_peft_model(LlamaForCausalLM(hf), PeftConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0))
+  model.to(device)
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-  tokens, targets, mask = (torch.from_numpy(a) for a in make_batch(cfg, batch, seq))
+  tokens, targets, mask = (torch.from_numpy(a).to(device) for a in make_batch(cfg, batch, seq))
   def step():
     logits = model(input_ids=tokens).logits.float().flatten(0, 1)
     nll = torch.nn.functional.cross_entropy(logits, targets.flatten().long(), reduction="none")
@@ -183,32 +193,43 @@ def torch_setup(cfg: dict, batch: int, seq: int, r: int) -> tuple[dict, Callable
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad()
+    if device != "cpu": torch.cuda.synchronize(device)
   for _ in range(2): step()
   threads = torch.get_num_threads()
   def step_1thread():
     torch.set_num_threads(1)
     try: step()
     finally: torch.set_num_threads(threads)
-  return dict(torch=torch.__version__, threads=threads, attention=model.config._attn_implementation), step, step_1thread
+  info = dict(torch=torch.__version__, device=device, threads=threads, attention=model.config._attn_implementation)
+  return info, step, step_1thread if device == "cpu" else None
 
-def model_bench(args, with_torch: bool) -> dict:
-  """Model steps, and torch steps when asked, timed alternately so that both see the same machine load."""
+def model_bench(args, with_model: bool, with_torch: bool) -> dict:
+  """Model steps and torch steps, as asked; both timed alternately so that they see the same machine load."""
+  res, n = {}, args.batch * args.seq
   with peak_memory() as peak:
-    m, step = model_setup(MODEL, args.batch, args.seq, 16)
-    t, torch_step, torch_1thread = torch_setup(MODEL, args.batch, args.seq, 16) if with_torch else (None, None, None)
-    steps = {"tinygrad": step} | ({"torch": torch_step, "torch_1thread": torch_1thread} if torch_step else {})
-    times = interleaved(steps, (), args.steps)
-    kernel_sum, kernels = kernel_profile(step)
-  n, step_t = args.batch * args.seq, statistics.median(times["tinygrad"])
-  m.update(step_s=step_t, step_s_min=min(times["tinygrad"]), tokens_per_s=n / step_t, step_gflops=m["step_gflop"] / step_t,
-           kernel_time_sum_s=kernel_sum, step_vs_kernel_sum=step_t / kernel_sum, peak_mem_mb=peak[0] / 1e6,
-           top_kernels=[dict(name=k, count=c, ms=s * 1e3, share=s / kernel_sum) for k, c, s in kernels[:args.top]])
+    m, step = model_setup(args.cfg, args.batch, args.seq, 16) if with_model else (None, None)
+    t, torch_step, torch_1thread = (torch_setup(args.cfg, args.batch, args.seq, 16, args.torch_device) if with_torch
+                                    else (None, None, None))
+    steps = {k: f for k, f in (("tinygrad", step), ("torch", torch_step), ("torch_1thread", torch_1thread)) if f}
+    # each step waits for its own device (the Trainer reads the loss back, the torch step synchronizes): a tinygrad
+    # synchronize around torch's steps would make tinygrad's CUDA context current under torch, which then fails
+    times = interleaved(steps, (), args.steps, wait=False)
+    if step: kernel_sum, kernels = kernel_profile(step)
+  if step:
+    step_t = statistics.median(times["tinygrad"])
+    m.update(step_s=step_t, step_s_min=min(times["tinygrad"]), tokens_per_s=n / step_t, step_gflops=m["step_gflop"] / step_t,
+             kernel_time_sum_s=kernel_sum, step_vs_kernel_sum=step_t / kernel_sum, peak_mem_mb=peak[0] / 1e6,
+             top_kernels=[dict(name=k, count=c, ms=s * 1e3, share=s / kernel_sum) for k, c, s in kernels[:args.top]])
+    res["model"] = m
   if torch_step:
-    tt, t1 = statistics.median(times["torch"]), statistics.median(times["torch_1thread"])
-    t.update(step_s=tt, step_s_min=min(times["torch"]), tokens_per_s=n / tt, ratio=tt / step_t,
-             ratio_min=min(times["torch"]) / min(times["tinygrad"]), step_1thread_s=t1, tokens_per_s_1thread=n / t1,
-             ratio_1thread=t1 / step_t)
-  return dict(model=m, torch=t) if with_torch else dict(model=m)
+    tt = statistics.median(times["torch"])
+    t.update(step_s=tt, step_s_min=min(times["torch"]), tokens_per_s=n / tt)
+    if step: t.update(ratio=tt / step_t, ratio_min=min(times["torch"]) / min(times["tinygrad"]))
+    if torch_1thread:
+      t1 = statistics.median(times["torch_1thread"])
+      t.update(step_1thread_s=t1, tokens_per_s_1thread=n / t1, **({"ratio_1thread": t1 / step_t} if step else {}))
+  if t: res["torch"] = t
+  return res
 
 def startup_child(cfg: dict, batch: int, seq: int, r: int) -> dict:
   built = time.perf_counter()
@@ -223,7 +244,8 @@ def startup_bench(args) -> dict:
   """Two fresh processes sharing a new, empty compile cache: the first compiles everything, the second finds it cached."""
   with tempfile.TemporaryDirectory() as tmp:
     env = dict(os.environ, CACHEDB=os.path.join(tmp, "cache.db"), DEV=args.device)
-    cmd = [sys.executable, os.path.abspath(__file__), "--startup-child", "--batch", str(args.batch), "--seq", str(args.seq)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--startup-child", "--batch", str(args.batch), "--seq", str(args.seq),
+           "--model", args.model, "--base-backward", args.base_backward]
     runs = [json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             for _ in range(2)]
   return dict(cold=runs[0], warm=runs[1])
@@ -254,14 +276,20 @@ def main():
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--steps", type=int, default=5, help="model and torch: timed steps (alternating)")
   p.add_argument("--top", type=int, default=10, help="model: slowest kernels to list")
+  p.add_argument("--model", default="{}", help="model and torch: JSON overrides of the model config, e.g. "
+                 "'{\"hidden_size\": 2048, \"num_hidden_layers\": 8}'")
   p.add_argument("--device", default=os.environ.get("DEV", "CPU"), help="tinygrad device (DEV)")
+  p.add_argument("--torch-device", default="cpu", help="torch: device for torch + PEFT (cpu, cuda)")
+  p.add_argument("--base-backward", choices=("tinylora", "autograd"), default="tinylora",
+                 help="model: frozen linears backpropagate through tinylora.linear (the library) or tinygrad's autograd")
   p.add_argument("--quick", action="store_true", help="d=1024, r=16, 3 reps and steps, no startup section")
   p.add_argument("--json", help="write all results here")
   p.add_argument("--startup-child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
-  DEV.value = args.device
+  DEV.value, args.cfg = args.device, MODEL | json.loads(args.model)
+  if args.base_backward == "autograd": use_autograd_base_backward()
   sys.stdout.reconfigure(line_buffering=True)
-  if args.startup_child: return print(json.dumps(startup_child(MODEL, args.batch, args.seq, 16)))
+  if args.startup_child: return print(json.dumps(startup_child(args.cfg, args.batch, args.seq, 16)))
   if args.quick: args.dims, args.ranks, args.reps, args.steps = "1024", "16", 3, 3
   sections = args.sections.split(",")
   if args.quick and "--sections" not in sys.argv: sections.remove("startup")
@@ -277,33 +305,40 @@ def main():
                                 ("flop_ratio", "FLOP ratio", ".3f"), ("ms", "ms", ".2f"), ("time_ratio", "time ratio", ".2f"),
                                 ("gflops", "GFLOP/s", ".1f")]) + "\n")
   if "model" in sections or "torch" in sections:
-    res.update(model_bench(args, "torch" in sections))
-    m = res["model"]
-    print(f"## Llama d=512, 4 layers, LoRA r=16 on 7 linears, batch {args.batch}x{args.seq}, AdamW (tinylora Trainer)\n")
-    rows = [("forward GFLOP (tinygrad count)", f"{m['forward_gflop']:.2f}"),
-            ("analytic forward GFLOP (2*params*tokens + 4*B*L*H*T^2*hd)", f"{m['analytic_gflop']:.2f}"),
-            ("forward / analytic (target <= 1.25)", f"{m['forward_vs_analytic']:.3f}"),
-            ("train step GFLOP (_accumulate + _apply)", f"{m['step_gflop']:.2f}"),
-            ("train step / forward (target <= 2.2)", f"{m['step_vs_forward']:.3f}"),
-            ("kernels: forward / train step", f"{m['forward_kernels']} / {m['kernels_per_step']}"),
-            ("step time, median (min)", f"{m['step_s']:.3f} s ({m['step_s_min']:.3f} s)"),
-            ("tokens/s (median step)", f"{m['tokens_per_s']:.0f}"), ("GFLOP/s", f"{m['step_gflops']:.1f}"),
-            ("summed kernel time (DEBUG=2)", f"{m['kernel_time_sum_s']:.3f} s"),
-            ("step time / summed kernel time (target <= 1.05)", f"{m['step_vs_kernel_sum']:.3f}"),
-            ("first steps (eager+compile, JIT capture)", ", ".join(f"{t:.1f} s" for t in m["first_steps_s"])),
-            ("peak tinygrad memory (mem_used high-water)", f"{m['peak_mem_mb']:.0f} MB")]
+    res.update(model_bench(args, "model" in sections, "torch" in sections))
+    c, rows = args.cfg, []
+    print(f"## Llama d={c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']}/"
+          f"{c['num_key_value_heads']} heads, ffn {c['intermediate_size']}, vocab {c['vocab_size']}, LoRA r=16 on 7 "
+          f"linears, batch {args.batch}x{args.seq}, AdamW (tinylora Trainer, {args.base_backward} base backward)\n")
+    if m := res.get("model"):
+      rows += [("forward GFLOP (tinygrad count)", f"{m['forward_gflop']:.2f}"),
+               ("analytic forward GFLOP (2*params*tokens + 4*B*L*H*T^2*hd)", f"{m['analytic_gflop']:.2f}"),
+               ("forward / analytic (target <= 1.25)", f"{m['forward_vs_analytic']:.3f}"),
+               ("train step GFLOP (_accumulate + _apply)", f"{m['step_gflop']:.2f}"),
+               ("train step / forward (target <= 2.2)", f"{m['step_vs_forward']:.3f}"),
+               ("kernels: forward / train step", f"{m['forward_kernels']} / {m['kernels_per_step']}"),
+               ("step time, median (min)", f"{m['step_s']:.3f} s ({m['step_s_min']:.3f} s)"),
+               ("tokens/s (median step)", f"{m['tokens_per_s']:.0f}"), ("GFLOP/s", f"{m['step_gflops']:.1f}"),
+               ("summed kernel time (DEBUG=2)", f"{m['kernel_time_sum_s']:.3f} s"),
+               ("step time / summed kernel time (target <= 1.05)", f"{m['step_vs_kernel_sum']:.3f}"),
+               ("first steps (eager+compile, JIT capture)", ", ".join(f"{t:.1f} s" for t in m["first_steps_s"])),
+               ("peak tinygrad memory (mem_used high-water)", f"{m['peak_mem_mb']:.0f} MB")]
     if (t := res.get("torch")) and "skipped" in t: rows.append(("torch + PEFT", f"skipped ({t['skipped']})"))
     elif t:
-      rows += [(f"torch {t['torch']} + PEFT ({t['threads']} threads, {t['attention']}): step median (min)",
-                f"{t['step_s']:.3f} s ({t['step_s_min']:.3f} s)"), ("torch tokens/s", f"{t['tokens_per_s']:.0f}"),
-               ("tinygrad / torch tokens/s, by median (by min) step (target >= 0.25)",
-                f"{t['ratio']:.3f} ({t['ratio_min']:.3f})"),
-               ("torch on 1 thread: step median, tokens/s, tinygrad / torch", f"{t['step_1thread_s']:.3f} s, "
-                f"{t['tokens_per_s_1thread']:.0f}, {t['ratio_1thread']:.3f}")]
+      where = f"{t['threads']} threads" if t["device"] == "cpu" else t["device"]
+      rows += [(f"torch {t['torch']} + PEFT ({where}, {t['attention']}): step median (min)",
+                f"{t['step_s']:.3f} s ({t['step_s_min']:.3f} s)"), ("torch tokens/s", f"{t['tokens_per_s']:.0f}")]
+      if "ratio" in t: rows.append(("tinygrad / torch tokens/s, by median (by min) step (target >= 0.25)",
+                                    f"{t['ratio']:.3f} ({t['ratio_min']:.3f})"))
+      if "step_1thread_s" in t:
+        rows.append(("torch on 1 thread: step median, tokens/s" + (", tinygrad / torch" if "ratio" in t else ""),
+                     f"{t['step_1thread_s']:.3f} s, {t['tokens_per_s_1thread']:.0f}" +
+                     (f", {t['ratio_1thread']:.3f}" if "ratio" in t else "")))
     print(table([dict(k=k, v=v) for k, v in rows], [("k", "quantity", "s"), ("v", "value", "s")]) + "\n")
-    print("slowest kernels in one step:\n")
-    print(table(m["top_kernels"], [("name", "kernel", "s"), ("count", "count", "d"), ("ms", "ms", ".1f"),
-                                   ("share", "share", ".1%")]) + "\n")
+    if m:
+      print("slowest kernels in one step:\n")
+      print(table(m["top_kernels"], [("name", "kernel", "s"), ("count", "count", "d"), ("ms", "ms", ".1f"),
+                                     ("share", "share", ".1%")]) + "\n")
   if "startup" in sections:
     s = res["startup"] = startup_bench(args)
     print("## Time to the first train step (fresh processes)\n")

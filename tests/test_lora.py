@@ -163,6 +163,28 @@ def test_kernel_counts_of_lora_and_merged_forward():
   layer.merge()
   assert kernels(layer(x)) == base_k
 
+def test_merge_on_the_fly_outside_training(monkeypatch):
+  # the path CUDA and NV take for forwards outside training, forced onto the CPU: same numbers, one matmul kernel
+  # plus B @ A, and training keeps the separate delta (its gradients would otherwise go through a d x d weight)
+  Tensor.manual_seed(6)
+  lin = nn.Linear(48, 40)
+  Tensor.realize(lin.weight, lin.bias)
+  x = Tensor.randn(2, 7, 48).realize()
+  base, base_k = lin(x).numpy(), kernels(lin(x))
+  identity = tl.LoraLinear(lin, r=4, scale=2.0)
+  layer = tl.LoraLinear(lin, r=4, scale=2.0, init=False)
+  separate, separate_k = layer(x).numpy(), kernels(layer(x))
+  monkeypatch.setattr(tl.lora, "MERGE_ON_THE_FLY", ("CPU",))
+  np.testing.assert_array_equal(identity(x).numpy(), base)  # B = 0 adds exactly nothing to W
+  ref = np_lora(x.numpy().astype(np.float64), *(t.numpy().astype(np.float64) for t in (lin.weight, lin.bias, layer.lora_A,
+                                                                                        layer.lora_B)), 2.0)
+  np.testing.assert_allclose(layer(x).numpy(), ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(layer(x).numpy(), separate, rtol=1e-5, atol=1e-5)
+  assert kernels(layer(x)) == base_k + 1 < separate_k
+  with Context(TRAINING=1): assert kernels(layer(x)) == separate_k
+  layer.enabled = False
+  np.testing.assert_array_equal(layer(x).numpy(), base)
+
 def test_merge_refuses_a_tied_weight_but_merge_and_unload_unties(tiny_lm, tokens):
   tiny_lm.lm_head.weight = tiny_lm.model.embed_tokens  # tied head, as with tie_word_embeddings
   tl.inject(tiny_lm, LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False))
