@@ -11,6 +11,8 @@ from tinylora.adapter import save_adapter, PEFT_WEIGHTS
 from tinylora.data import Example, batch_at, eval_batches
 from tinylora.errors import LoraError
 from tinylora.io import read_json, read_safetensors, write_json, write_safetensors
+from tinylora import kernels
+from tinylora.linear import on_device
 from tinylora.lora import lora_layers, trainable_parameters
 
 def lm_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
@@ -44,6 +46,7 @@ class Trainer:
     self.model, self.config, self.step = model, config, 0
     self.params = trainable_parameters(model)
     if not self.params: raise LoraError("model has no LoRA tensors to train; inject(model, config) first")
+    if any(on_device(p, ("CPU",)) for p in self.params): kernels.install()  # faster CPU matmuls, see tinylora/kernels.py
     self.loss_fn = loss_fn or (lambda m, tokens, targets, mask: lm_loss(m(tokens), targets, mask))
     self.opt = nn.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
     # real buffers now, so checkpoints can be restored into them before the first step
