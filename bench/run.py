@@ -25,6 +25,7 @@ from tinygrad import Tensor, TinyJit, GlobalCounters, Device, nn
 from tinygrad.device import Buffer
 from tinygrad.helpers import Context, DEV
 from tinylora import LoraConfig, LoraLinear, inject
+from tinylora import kernels
 from tinylora.linear import base_forward
 from tinylora.models.llama import Model
 from tinylora.train import Trainer, TrainConfig
@@ -297,6 +298,7 @@ def main():
   print(f"# tinylora bench: {res['machine']['cpu']}, {res['machine']['cores']} cores, {Device.DEFAULT}, "
         f"load {res['machine']['load_avg']}\n")
   if "linear" in sections:
+    if Device.DEFAULT == "CPU": kernels.install()  # the matmul kernels the Trainer uses on the CPU
     res["linear"] = [row for d in map(int, args.dims.split(",")) for r in map(int, args.ranks.split(","))
                      for row in linear_case(d, r, args.tokens, args.reps)]
     print(f"## One linear, {args.tokens} tokens (time: median of {args.reps} TinyJit replays; ratios vs base)\n")
