@@ -32,8 +32,9 @@ part() {  # part NAME SECONDS ARGS...
 big='{"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 8, "num_attention_heads": 32,
       "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 512}'
 part model ${T_MODEL:-110} --sections model,torch --steps 20
-# tinygrad and torch in separate processes here: sharing one process at this size, torch's kernels failed
-# (CUBLAS_STATUS_EXECUTION_FAILED, out-of-range targets in nll_loss) after tinygrad's steps
+# tinygrad and torch in separate processes here: the shared-process run at this size failed in torch
+# (CUBLAS_STATUS_EXECUTION_FAILED) while run.py still synchronised tinygrad's device around torch's steps; it no
+# longer does, but only this separate-process layout was run since
 part bigtorch ${T_BIGTORCH:-60} --sections torch --steps 10 --batch 4 --seq 512 --model "$big"
 part big ${T_BIG:-140} --sections model --steps 10 --batch 4 --seq 512 --model "$big"
 part linear ${T_LINEAR:-100} --sections linear --dims 1024,2048,4096 --ranks 8,16,64 --reps 20

@@ -42,12 +42,11 @@ class LoraLinear:
   def in_features(self) -> int: return self.lora_A.shape[1]
 
   def __call__(self, x: Tensor) -> Tensor:
-    if not self.merged and self.enabled and not TRAINING and isinstance(self.base, nn.Linear) and \
-       on_device(x, MERGE_ON_THE_FLY):
+    if self.merged or not self.enabled: return base_forward(self.base, x)
+    if not TRAINING and isinstance(self.base, nn.Linear) and on_device(x, MERGE_ON_THE_FLY):
       # no training, so no gradients through the weight: merged on the fly, one matmul
       return x.linear(self.merged_weight().T, self.base.bias)
     y = base_forward(self.base, x)
-    if self.merged or not self.enabled: return y
     h = x.cast(self.lora_A.dtype).dropout(self.dropout) if self.dropout else x.cast(self.lora_A.dtype)
     # the low-rank delta in its own small kernels, added in the base matmul's epilogue: a kernel holding both
     # reductions gets none of tinygrad's matmul optimisations (and sums the base product in another order)
