@@ -34,7 +34,7 @@ def test_jitted_decode_steps_replay_and_match_the_full_forward(model):
   seq = PROMPT + [5, 9, 60, 1, 33]
   decoder = Decoder(model, len(seq))
   steps = [decoder.prefill(PROMPT)] + [decoder.step(t, i) for i, t in enumerate(seq[len(PROMPT):-1], start=len(PROMPT))]
-  assert decoder.jit.captured is not None and decoder.jit.cnt == len(seq) - len(PROMPT) - 1  # calls 3+ were replays
+  assert decoder.jit.captured is not None and decoder.jit.cnt == len(seq) - 1  # the prompt too: calls 3+ were replays
   np.testing.assert_allclose(np.stack(steps), full_logits(model, seq)[len(PROMPT) - 1:-1], atol=1e-5, rtol=1e-5)
 
 def test_stop_tokens_end_generation_and_are_not_returned(model):
@@ -75,3 +75,18 @@ def test_zero_new_tokens(model):
 def test_cache_overflow_is_refused(model):
   cache = model.make_cache(1, 4)
   with pytest.raises(LoraError, match="KV cache of 4"): model(Tensor([[1, 2, 3, 4, 5]]), 0, cache)
+
+def test_one_decoder_serves_every_prompt_until_the_model_changes():
+  from tinylora import LoraConfig, inject, merge
+  from tinylora.generate import decoder_for
+  model = Model.from_config(CONFIG)
+  first = generate(model, PROMPT, 3)
+  decoder = decoder_for(model, 8)
+  assert generate(model, PROMPT[:2], 5) == greedy_without_cache(model, PROMPT[:2], 5)
+  assert decoder_for(model, 8) is decoder and decoder.jit.cnt > len(PROMPT) + 5  # replayed for another prompt length
+  inject(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+  adapted = generate(model, PROMPT, 3)
+  assert decoder_for(model, 8) is not decoder and adapted == greedy_without_cache(model, PROMPT, 3) != first
+  decoder = decoder_for(model, 8)
+  merge(model)
+  assert decoder_for(model, 8) is not decoder and generate(model, PROMPT, 3) == adapted

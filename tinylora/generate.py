@@ -1,15 +1,19 @@
-"""Autoregressive generation with a KV cache: one prefill call over the prompt, then a TinyJit'd one-token decode step
-whose position is a bound Variable, so every step after the second replays the same kernels.
+"""Autoregressive generation with a KV cache and a TinyJit'd one-token step whose position is a bound Variable.
 
-A LoRA-injected model generates with its adapters unmerged: the forward calls each LoraLinear wrapper as it is when
-`generate` starts (the jitted step is rebuilt per call, so enabling, disabling or merging between calls is honoured).
+Each model keeps one decoder (cache + jitted step) between calls, and prompts are fed through that same step one token
+at a time, so every prompt length and every call replays the same kernels instead of compiling a prefill graph per
+prompt length and a new step per call. The decoder is rebuilt when the model's modules change (injection, merge,
+unload, enabling or disabling adapters) or a longer sequence is asked for: a LoRA-injected model generates with its
+adapters as they are when `generate` is called.
 """
 from __future__ import annotations
 from typing import Iterable
+import weakref
 import numpy as np
 from tinygrad import Tensor, TinyJit, UOp
 from tinylora.errors import LoraError
 from tinylora.models.llama import Model
+from tinylora.tree import named_modules
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
   """Greedy when temperature is 0, else a draw from softmax(logits / temperature) restricted to the smallest set of
@@ -27,19 +31,37 @@ class Decoder:
   """A KV cache of `max_len` positions and a TinyJit'd one-token decode step for one model, batch 1."""
   def __init__(self, model: Model, max_len: int):
     if max_len < 2: raise LoraError(f"a decoder needs room for at least 2 positions, found max_len={max_len}")
-    self.model, self.cache = model, model.make_cache(1, max_len)
-    self.pos = UOp.variable("start_pos", 1, max_len - 1)
+    # a weak reference: the decoder is kept in a WeakKeyDictionary keyed by the model, which it must not keep alive
+    self.model, self.max_len, self.cache = weakref.ref(model), max_len, model.make_cache(1, max_len)
+    self.pos = UOp.variable("start_pos", 0, max_len - 1)
     self.jit = TinyJit(self._step)
+    self.state = module_state(model)
 
-  def _step(self, token: Tensor, start_pos: UOp) -> Tensor: return self.model(token, start_pos, self.cache)[0, -1].realize()
+  def _step(self, token: Tensor, start_pos: UOp) -> Tensor: return self.model()(token, start_pos, self.cache)[0, -1].realize()
 
   def prefill(self, tokens: list[int]) -> np.ndarray:
     """Caches the prompt at positions [0, len(tokens)) and returns the logits that follow it."""
-    return self.model(Tensor([tokens]), 0, self.cache)[0, -1].numpy()
+    for pos, token in enumerate(tokens): logits = self.step(token, pos)
+    return logits
 
   def step(self, token: int, pos: int) -> np.ndarray:
     """Caches `token` at position `pos` (after everything before it is cached) and returns the next logits."""
     return self.jit(Tensor([[token]]), self.pos.bind(pos)).numpy()
+
+def module_state(model: Model) -> tuple:
+  """What a captured decode step depends on besides tensor values: which modules sit where, and their adapter flags."""
+  return tuple((path, id(m), *(getattr(m, a, None) for a in ("merged", "enabled", "active"))) for path, m, _, _ in named_modules(model))
+
+_decoders: weakref.WeakKeyDictionary[Model, Decoder] = weakref.WeakKeyDictionary()
+
+def decoder_for(model: Model, length: int) -> Decoder:
+  """The model's decoder, rebuilt if the model changed or `length` positions do not fit (sizes grow by powers of two,
+  at least 256, at most the model's max_position_embeddings)."""
+  decoder = _decoders.get(model)
+  if decoder is None or decoder.max_len < length or decoder.state != module_state(model):
+    size = max(length, min(max(256, 1 << (length - 1).bit_length()), model.config.max_position_embeddings))
+    decoder = _decoders[model] = Decoder(model, size)
+  return decoder
 
 def generate(model: Model, tokens: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              stop_tokens: Iterable[int] = (), seed: int | None = None) -> list[int]:
@@ -53,7 +75,7 @@ def generate(model: Model, tokens: list[int], max_new_tokens: int, temperature: 
     raise LoraError(f"prompt token {bad[0]} is outside the vocabulary of {model.config.vocab_size}")
   if max_new_tokens == 0: return []
   stop, rng = set(stop_tokens), np.random.default_rng(seed)
-  decoder = Decoder(model, len(tokens) + max_new_tokens)
+  decoder = decoder_for(model, len(tokens) + max_new_tokens)
   logits, out = decoder.prefill(tokens), []
   for i in range(max_new_tokens):
     token = sample(logits, temperature, top_p, rng)

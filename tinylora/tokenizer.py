@@ -95,18 +95,84 @@ class HFTokenizer:
     return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                        bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
+def _tokenizers():
+  try: import tokenizers
+  except ImportError as e: raise ImportError("load_tokenizer needs the 'tokenizers' package: pip install tinylora[tokenizers]") from e
+  return tokenizers
+
 def load_tokenizer(path: str | os.PathLike) -> HFTokenizer:
-  """Loads `tokenizer.json` (and `tokenizer_config.json` when present) from a model directory or the file itself.
-  Needs the optional packages: pip install tinylora[tokenizers]."""
+  """Loads `tokenizer.json` (and `tokenizer_config.json` when present) from a model directory or the file itself, or
+  the tokenizer and chat template in a `.gguf` file's metadata. Needs the optional packages: pip install
+  tinylora[tokenizers]."""
   path = pathlib.Path(path)
   file = path / "tokenizer.json" if path.is_dir() else path
   if not file.exists(): raise FileNotFoundError(f"tokenizer file not found: {file}")
-  try:
-    from tokenizers import Tokenizer as _Tokenizer
-  except ImportError as e:
-    raise ImportError("load_tokenizer needs the 'tokenizers' package: pip install tinylora[tokenizers]") from e
+  if file.suffix == ".gguf":
+    from tinylora.models.gguf import read_gguf
+    return gguf_tokenizer(read_gguf(file)[0], str(file))
   config_file = file.parent / "tokenizer_config.json"
   config = read_json(config_file) if config_file.exists() else {}
-  try: tokenizer = _Tokenizer.from_file(str(file))
+  try: tokenizer = _tokenizers().Tokenizer.from_file(str(file))
   except Exception as e: raise LoraError(f"{file}: not a valid tokenizer.json ({e})") from e
   return HFTokenizer(tokenizer, config)
+
+# pre-tokenizer splits of byte-level GGUF vocabularies by `tokenizer.ggml.pre`, as transformers' GGUF loader applies them
+_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+GGUF_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+               "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+
+def _byte_alphabet() -> set[str]:
+  """The 256 characters byte-level BPE spells bytes with (GPT-2's bytes_to_unicode)."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  return {chr(b) for b in printable} | {chr(256 + i) for i in range(256 - len(printable))}
+
+def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+  """BPE merges of a SentencePiece vocabulary that has scores but no merges (transformers' generate_merges)."""
+  merges = []
+  for piece, score in scores.items():
+    local = [(piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+    merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+  return [(l, r) for l, r, _ in sorted(merges, key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)]
+
+def gguf_tokenizer(kv: dict, where: str = "GGUF") -> HFTokenizer:
+  """The tokenizer in GGUF metadata, built as transformers' GGUF loader builds it: byte-level BPE ("gpt2": Llama 3,
+  Qwen2, SmolLM, ...) or SentencePiece BPE ("llama": Llama 2, Mistral), with control tokens special, user-defined
+  tokens added, bos/eos added as `add_bos_token` / `add_eos_token` say, and the chat template."""
+  tk = _tokenizers()
+  kind, tokens = kv.get("tokenizer.ggml.model"), kv.get("tokenizer.ggml.tokens")
+  if kind not in ("gpt2", "llama") or not tokens:
+    raise LoraError(f"{where}: GGUF tokenizer model {kind!r} is not supported (byte-level 'gpt2' or SentencePiece 'llama')")
+  vocab, types = {t: i for i, t in enumerate(tokens)}, kv.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+  merges = [tuple(m.split(" ", 1)) for m in kv["tokenizer.ggml.merges"]] if "tokenizer.ggml.merges" in kv else None
+  if kind == "gpt2":
+    tokenizer = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=merges or [], dropout=None, continuing_subword_prefix="",
+                                           end_of_word_suffix="", fuse_unk=False))
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split := GGUF_SPLITS.get(kv.get("tokenizer.ggml.pre")):
+      tokenizer.pre_tokenizer = tk.pre_tokenizers.Sequence([tk.pre_tokenizers.Split(tk.Regex(split), behavior="isolated"),
+                                                            tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = tk.decoders.ByteLevel()
+    alphabet = _byte_alphabet()
+    control = [t for t, ty in zip(tokens, types) if ty == CONTROL and set(t) <= alphabet]
+  else:
+    if merges is None: merges = _merges_from_scores(vocab, dict(zip(tokens, kv.get("tokenizer.ggml.scores", [0.0] * len(tokens)))))
+    tokenizer = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tokenizer.decoder = tk.decoders.Sequence([tk.decoders.Replace("▁", " "), tk.decoders.ByteFallback(), tk.decoders.Fuse(),
+                                              tk.decoders.Strip(" ", 1, 0)])
+    control = [t for t, ty in zip(tokens, types) if ty == CONTROL]
+  special = {name: tokens[i] for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
+                                               ("pad_token", "padding"))
+             if isinstance(i := kv.get(f"tokenizer.ggml.{key}_token_id"), int) and 0 <= i < len(tokens)}
+  tokenizer.add_special_tokens([tk.AddedToken(t, normalized=False, special=True) for t in control + list(special.values())])
+  tokenizer.add_tokens([tk.AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+  add_bos = kv.get("tokenizer.ggml.add_bos_token", kind == "llama") and "bos_token" in special
+  add_eos = kv.get("tokenizer.ggml.add_eos_token", False) and "eos_token" in special
+  bos, eos = special.get("bos_token"), special.get("eos_token")
+  single = (f"{bos}:0 " if add_bos else "") + "$A:0" + (f" {eos}:0" if add_eos else "")
+  pair = single + (f" {bos}:1" if add_bos else "") + " $B:1" + (f" {eos}:1" if add_eos else "")
+  tokenizer.post_processor = tk.processors.TemplateProcessing(
+    single=single, pair=pair, special_tokens=[(t, vocab[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on])
+  return HFTokenizer(tokenizer, {**special, "chat_template": kv.get("tokenizer.chat_template")})
