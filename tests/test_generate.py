@@ -90,3 +90,14 @@ def test_one_decoder_serves_every_prompt_until_the_model_changes():
   decoder = decoder_for(model, 8)
   merge(model)
   assert decoder_for(model, 8) is not decoder and generate(model, PROMPT, 3) == adapted
+
+def test_a_shared_prompt_prefix_is_not_computed_again(model):
+  from tinylora.generate import decoder_for
+  decoder = decoder_for(model, 16)
+  decoder.prefill(PROMPT + [5, 6])
+  calls = decoder.jit.cnt
+  logits = decoder.prefill(PROMPT + [7])
+  assert decoder.jit.cnt == calls + 1 and decoder.tokens == PROMPT + [7]  # only the new token ran
+  np.testing.assert_allclose(logits, full_logits(model, PROMPT + [7])[-1], atol=1e-5, rtol=1e-5)
+  assert decoder.prefill(PROMPT) is not None and decoder.jit.cnt == calls + 2  # fully cached: the last token runs again
+  with pytest.raises(LoraError, match="uncached"): decoder.step(1, len(PROMPT) + 3)

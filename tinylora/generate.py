@@ -35,17 +35,21 @@ class Decoder:
     self.model, self.max_len, self.cache = weakref.ref(model), max_len, model.make_cache(1, max_len)
     self.pos = UOp.variable("start_pos", 0, max_len - 1)
     self.jit = TinyJit(self._step)
-    self.state = module_state(model)
+    self.state, self.tokens = module_state(model), []  # the tokens whose keys and values the cache holds, by position
 
   def _step(self, token: Tensor, start_pos: UOp) -> Tensor: return self.model()(token, start_pos, self.cache)[0, -1].realize()
 
   def prefill(self, tokens: list[int]) -> np.ndarray:
-    """Caches the prompt at positions [0, len(tokens)) and returns the logits that follow it."""
-    for pos, token in enumerate(tokens): logits = self.step(token, pos)
+    """Caches the prompt at positions [0, len(tokens)) and returns the logits that follow it. Positions whose tokens
+    the cache already holds (a prefix shared with the previous sequence, e.g. a system prompt) are not computed again."""
+    start = next((i for i, (a, b) in enumerate(zip(tokens, self.tokens)) if a != b), min(len(tokens), len(self.tokens)))
+    for pos in range(min(start, len(tokens) - 1), len(tokens)): logits = self.step(tokens[pos], pos)
     return logits
 
   def step(self, token: int, pos: int) -> np.ndarray:
     """Caches `token` at position `pos` (after everything before it is cached) and returns the next logits."""
+    if pos > len(self.tokens): raise LoraError(f"position {pos} follows uncached positions {len(self.tokens)}..{pos - 1}")
+    self.tokens[pos:] = [token]
     return self.jit(Tensor([[token]]), self.pos.bind(pos)).numpy()
 
 def module_state(model: Model) -> tuple:
