@@ -25,8 +25,7 @@ from tinygrad import Tensor, TinyJit, GlobalCounters, Device, nn
 from tinygrad.device import Buffer
 from tinygrad.helpers import Context, DEV
 from tinylora import LoraConfig, LoraLinear, inject
-from tinylora import kernels
-from tinylora.linear import base_forward
+from tinylora.device_policy import base_forward, cpu_matmul_shapes
 from tinylora.models.llama import Model
 from tinylora.train import Trainer, TrainConfig
 
@@ -66,7 +65,7 @@ def linear_case(d: int, r: int, T: int, reps: int) -> list[dict]:
   merged = layer.fuse()
   x, g = Tensor.randn(T, d).realize(), Tensor.randn(T, d).realize()
   forwards = {
-    "base": lambda x: base_forward(layer.base, x),  # as LoraLinear calls it (on the CPU with tinylora's backward)
+    "base": lambda x: base_forward(layer.base, x),  # as LoraLinear calls it (float32 on the CPU: tinylora's backward)
     "lora (tinylora)": layer,
     "fused x@W.T+(x@A.T)@B.T*s": lambda x: x @ W.T + (x @ A.T) @ B.T * s,
     "merged on the fly x@(W+s*B@A).T": lambda x: x @ (W + s * B @ A).T,
@@ -81,7 +80,9 @@ def linear_case(d: int, r: int, T: int, reps: int) -> list[dict]:
                "fused x@W.T+(x@A.T)@B.T*s": with_grads(forwards["fused x@W.T+(x@A.T)@B.T*s"], A, B)}
   rows = []
   for mode, fns in (("forward", forwards), ("fwd+grad", backwards)):
-    jits = {k: TinyJit(lambda x, f=f: Tensor.realize(*(out if isinstance(out := f(x), list) else [out]))) for k, f in fns.items()}
+    # with the CPU matmul shapes the Trainer's steps use
+    jits = {k: TinyJit(cpu_matmul_shapes()(lambda x, f=f: Tensor.realize(*(out if isinstance(out := f(x), list) else [out]))))
+            for k, f in fns.items()}
     for j in jits.values():
       for _ in range(3): j(x)  # run, capture, replay
     counts = {k: counted(j, x) for k, j in jits.items()}
@@ -151,7 +152,7 @@ def peak_memory():
 
 def use_autograd_base_backward():
   """The variant measured by --base-backward autograd: frozen linears as plain calls, so tinygrad's autograd derives
-  their input gradients instead of tinylora.linear.linear."""
+  their input gradients instead of tinylora.device_policy.linear."""
   import tinylora.lora, tinylora.models.llama
   tinylora.lora.base_forward = tinylora.models.llama.base_forward = lambda module, x: module(x)
 
@@ -282,7 +283,8 @@ def main():
   p.add_argument("--device", default=os.environ.get("DEV", "CPU"), help="tinygrad device (DEV)")
   p.add_argument("--torch-device", default="cpu", help="torch: device for torch + PEFT (cpu, cuda)")
   p.add_argument("--base-backward", choices=("tinylora", "autograd"), default="tinylora",
-                 help="model: frozen linears backpropagate through tinylora.linear (the library) or tinygrad's autograd")
+                 help="model: float32 frozen linears backpropagate through tinylora.device_policy.linear (the "
+                 "library's choice on the CPU) or tinygrad's autograd")
   p.add_argument("--quick", action="store_true", help="d=1024, r=16, 3 reps and steps, no startup section")
   p.add_argument("--json", help="write all results here")
   p.add_argument("--startup-child", action="store_true", help=argparse.SUPPRESS)
@@ -298,7 +300,6 @@ def main():
   print(f"# tinylora bench: {res['machine']['cpu']}, {res['machine']['cores']} cores, {Device.DEFAULT}, "
         f"load {res['machine']['load_avg']}\n")
   if "linear" in sections:
-    if Device.DEFAULT == "CPU": kernels.install()  # the matmul kernels the Trainer uses on the CPU
     res["linear"] = [row for d in map(int, args.dims.split(",")) for r in map(int, args.ranks.split(","))
                      for row in linear_case(d, r, args.tokens, args.reps)]
     print(f"## One linear, {args.tokens} tokens (time: median of {args.reps} TinyJit replays; ratios vs base)\n")

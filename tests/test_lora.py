@@ -174,7 +174,7 @@ def test_merge_on_the_fly_outside_training(monkeypatch):
   identity = tl.LoraLinear(lin, r=4, scale=2.0)
   layer = tl.LoraLinear(lin, r=4, scale=2.0, init=False)
   separate, separate_k = layer(x).numpy(), kernels(layer(x))
-  monkeypatch.setattr(tl.lora, "MERGE_ON_THE_FLY", ("CPU",))
+  monkeypatch.setattr(tl.device_policy, "MERGE_ON_THE_FLY", ("CPU",))
   np.testing.assert_array_equal(identity(x).numpy(), base)  # B = 0 adds exactly nothing to W
   ref = np_lora(x.numpy().astype(np.float64), *(t.numpy().astype(np.float64) for t in (lin.weight, lin.bias, layer.lora_A,
                                                                                         layer.lora_B)), 2.0)

@@ -3,18 +3,11 @@ from __future__ import annotations
 import contextlib, math, warnings
 from typing import Any, Callable, Iterator
 from tinygrad import Tensor, dtypes, nn
-from tinygrad.helpers import TRAINING
 from tinylora.config import LoraConfig
 from tinylora.errors import LoraError
-from tinylora.linear import base_forward, on_device
+from tinylora.device_policy import base_forward, merge_on_the_fly
 from tinylora.quant import QuantizedLinear, linear_shape
 from tinylora.tree import named_modules, replace_module
-
-# devices on which a LoRA linear outside training multiplies by W + scale * B @ A formed on the fly instead of adding
-# the low-rank delta from its own kernels. Measured on CUDA (H200, 512 tokens, d 1024-4096, r <= 16): 0.93-1.06x the
-# base linear's time instead of 1.18-1.34x; NV renders the same kernels. On the CPU the separate delta is as fast at
-# r=8 and faster at r >= 16 (bench/RESULTS.md).
-MERGE_ON_THE_FLY = ("CUDA", "NV")
 
 class LoraLinear:
   """y = base(x) + dropout(x) @ A.T @ B.T * scale, with A (r, in) and B (out, r) as in HF PEFT."""
@@ -43,7 +36,7 @@ class LoraLinear:
 
   def __call__(self, x: Tensor) -> Tensor:
     if self.merged or not self.enabled: return base_forward(self.base, x)
-    if not TRAINING and isinstance(self.base, nn.Linear) and on_device(x, MERGE_ON_THE_FLY):
+    if merge_on_the_fly(self.base, x):
       # no training, so no gradients through the weight: merged on the fly, one matmul
       return x.linear(self.merged_weight().T, self.base.bias)
     y = base_forward(self.base, x)

@@ -11,8 +11,7 @@ from tinylora.adapter import save_adapter, PEFT_WEIGHTS
 from tinylora.data import Example, batch_at, eval_batches
 from tinylora.errors import LoraError
 from tinylora.io import read_json, read_safetensors, write_json, write_safetensors
-from tinylora import kernels
-from tinylora.linear import on_device
+from tinylora.device_policy import cpu_matmul_shapes
 from tinylora.lora import lora_layers, trainable_parameters
 
 def lm_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
@@ -46,15 +45,15 @@ class Trainer:
     self.model, self.config, self.step = model, config, 0
     self.params = trainable_parameters(model)
     if not self.params: raise LoraError("model has no LoRA tensors to train; inject(model, config) first")
-    if any(on_device(p, ("CPU",)) for p in self.params): kernels.install()  # faster CPU matmuls, see tinylora/kernels.py
     self.loss_fn = loss_fn or (lambda m, tokens, targets, mask: lm_loss(m(tokens), targets, mask))
     self.opt = nn.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
     # real buffers now, so checkpoints can be restored into them before the first step
     self.opt.m, self.opt.v = [[t.contiguous().realize() for t in ts] for ts in (self.opt.m, self.opt.v)]
     self.opt.b1_t, self.opt.b2_t = [t.contiguous().realize().is_param_(False) for t in (self.opt.b1_t, self.opt.b2_t)]
     self.grads = [Tensor.zeros(*p.shape, dtype=p.dtype).contiguous().realize() for p in self.params]
-    self._accumulate, self._apply = TinyJit(self._accumulate_fn), TinyJit(self._apply_fn)
-    self._eval = TinyJit(lambda tokens, targets, mask: self.loss_fn(self.model, tokens, targets, mask).realize())
+    # the steps' CPU matmuls get measured kernel shapes (tinylora/device_policy.py); nothing else does
+    self._accumulate, self._apply = TinyJit(cpu_matmul_shapes()(self._accumulate_fn)), TinyJit(cpu_matmul_shapes()(self._apply_fn))
+    self._eval = TinyJit(cpu_matmul_shapes()(lambda tokens, targets, mask: self.loss_fn(self.model, tokens, targets, mask).realize()))
     self.shape: tuple | None = None
 
   def _accumulate_fn(self, tokens: Tensor, targets: Tensor, mask: Tensor, keep: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ import numpy as np
 from tinygrad import Tensor, UOp, dtypes, nn
 from tinygrad.dtype import DType
 from tinylora.errors import LoraError
-from tinylora.linear import base_forward
+from tinylora.device_policy import base_forward
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 _ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
