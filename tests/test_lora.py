@@ -134,7 +134,7 @@ def test_target_matching_nothing_lists_linears(tiny_lm):
 
 def test_second_injection_is_refused(tiny_lm):
   tl.inject(tiny_lm, LoraConfig(target_modules=["q_proj"]))
-  with pytest.raises(LoraError, match="already has LoRA"): tl.inject(tiny_lm, LoraConfig(target_modules=["v_proj"]))
+  with pytest.raises(LoraError, match="already has an adapter named 'default'"): tl.inject(tiny_lm, LoraConfig(target_modules=["v_proj"]))
   assert len(tl.lora_layers(tiny_lm)) == 3
 
 def test_dropout_only_in_training():

@@ -2,8 +2,10 @@
 from tinylora.errors import LoraError
 from tinylora.config import LoraConfig
 from tinylora.lora import (LoraLinear, inject, trainable_parameters, count_parameters, merge, unmerge, merge_and_unload,
-                           unload, disabled, lora_layers)
+                           unload, disabled, lora_layers, set_adapter, delete_adapter, list_adapters, active_adapter,
+                           mixed_batch)
 from tinylora.adapter import save_adapter, load_adapter
 
 __all__ = ["LoraError", "LoraConfig", "LoraLinear", "inject", "trainable_parameters", "count_parameters", "merge", "unmerge",
-           "merge_and_unload", "unload", "disabled", "lora_layers", "save_adapter", "load_adapter"]
+           "merge_and_unload", "unload", "disabled", "lora_layers", "set_adapter", "delete_adapter", "list_adapters",
+           "active_adapter", "mixed_batch", "save_adapter", "load_adapter"]

@@ -8,20 +8,24 @@ from tinygrad import Tensor
 from tinylora.config import ALL_LINEAR, LoraConfig, layer_index
 from tinylora.errors import LoraError
 from tinylora.io import read_json, read_safetensors, write_json, write_safetensors
-from tinylora.lora import LoraLinear, adaptable_linears, inject, lora_layers
+from tinylora.lora import DEFAULT, Adapter, adaptable_linears, inject, list_adapters, lora_layers
 
 CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS, MLX_WEIGHTS = "adapter_model.safetensors", "adapters.safetensors"
 PEFT_PREFIX = "base_model.model."
 # PEFT options tinylora does not implement, with the value that means "not used"; any other value is refused.
-_PEFT_UNSUPPORTED = {"use_dora": False, "modules_to_save": None, "bias": "none", "fan_in_fan_out": False,
+_PEFT_UNSUPPORTED = {"modules_to_save": None, "bias": "none", "fan_in_fan_out": False,
                      "layer_replication": None, "exclude_modules": None, "lora_bias": False, "target_parameters": None,
                      "use_qalora": False, "trainable_token_indices": None, "megatron_config": None}
 
-def _config_of(model: Any) -> tuple[dict[str, LoraLinear], LoraConfig]:
-  layers = lora_layers(model)
+def _adapter_of(model: Any, adapter_name: str | None) -> tuple[dict[str, Adapter], LoraConfig]:
+  """The named (default: active) adapter of every linear holding it, by path, and its config."""
+  if adapter_name is not None and adapter_name not in list_adapters(model):
+    raise LoraError(f"no adapter named {adapter_name!r} to save; the model has {list_adapters(model) or 'none'}")
+  layers = lora_layers(model, adapter_name)
   if not layers: raise LoraError("model has no LoRA adapters to save")
-  return layers, next(iter(layers.values())).config
+  adapters = {p: l.adapters[adapter_name or l.active] for p, l in layers.items()}
+  return adapters, next(iter(adapters.values())).config
 
 def _numpy(t: Tensor) -> np.ndarray: return t.float().numpy()
 
@@ -32,14 +36,14 @@ def _config_digest(cfg: dict) -> str: return hashlib.sha256(json.dumps(cfg, sort
 
 # ---- HF PEFT ----
 
-def peft_config_dict(config: LoraConfig, layers: dict[str, LoraLinear]) -> dict:
+def peft_config_dict(config: LoraConfig, layers: dict[str, Adapter]) -> dict:
   targets = config.target_modules
   if targets == ALL_LINEAR: targets = sorted(layers)  # PEFT saves "all-linear" as the full paths it resolved
   return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.lora_alpha,
           "lora_dropout": config.lora_dropout, "target_modules": targets, "use_rslora": config.use_rslora,
           "layers_to_transform": config.layers_to_transform, "layers_pattern": None,
           "rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern,
-          "init_lora_weights": config.init_lora_weights, "bias": "none", "fan_in_fan_out": False, "use_dora": False,
+          "init_lora_weights": config.init_lora_weights, "bias": "none", "fan_in_fan_out": False, "use_dora": config.use_dora,
           "modules_to_save": None, "inference_mode": True, "base_model_name_or_path": None, "revision": None}
 
 def config_from_peft(cfg: dict, where: str) -> LoraConfig:
@@ -51,13 +55,20 @@ def config_from_peft(cfg: dict, where: str) -> LoraConfig:
     raise LoraError(f"{where}: layers_pattern={cfg['layers_pattern']!r} is not supported (only 'layers')")
   if "r" not in cfg or "target_modules" not in cfg: raise LoraError(f"{where}: needs 'r' and 'target_modules'")
   fields = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "layers_to_transform",
-            "rank_pattern", "alpha_pattern", "init_lora_weights")
+            "rank_pattern", "alpha_pattern", "init_lora_weights", "use_dora")
   kwargs = {k: cfg[k] for k in fields if cfg.get(k) is not None}
   try: return LoraConfig(**kwargs)
   except LoraError as e: raise LoraError(f"{where}: {e}") from None
 
-def peft_state(layers: dict[str, LoraLinear]) -> dict[str, Tensor]:
-  return {f"{PEFT_PREFIX}{p}.lora_{n}.weight": getattr(l, f"lora_{n}") for p, l in layers.items() for n in "AB"}
+def peft_key(path: str, name: str) -> str:
+  """PEFT's file key of tensor `name` ("A", "B" or "magnitude") of the adapter at `path`."""
+  return f"{PEFT_PREFIX}{path}.lora_magnitude_vector" if name == "magnitude" else f"{PEFT_PREFIX}{path}.lora_{name}.weight"
+
+def peft_state(layers: dict[str, Adapter]) -> dict[str, Tensor]:
+  return {peft_key(p, n): t for p, a in layers.items() for n, t in _tensors(a).items()}
+
+def _tensors(a: Adapter) -> dict[str, Tensor]:
+  return {"A": a.lora_A, "B": a.lora_B} | ({"magnitude": a.magnitude} if a.use_dora else {})
 
 # ---- mlx-lm ----
 
@@ -70,7 +81,7 @@ def _block_layout(paths: list[str], where: str) -> tuple[list[int], list[str]]:
     blocks.add(i); keys.add(p.split(f"layers.{i}.", 1)[1])
   return sorted(blocks), sorted(keys)
 
-def mlx_config_dict(config: LoraConfig, layers: dict[str, LoraLinear], model: Any) -> dict:
+def mlx_config_dict(config: LoraConfig, layers: dict[str, Adapter], model: Any) -> dict:
   where = "saving in mlx-lm format"
   ranks, scales = {l.r for l in layers.values()}, {l.scale for l in layers.values()}
   if len(ranks) > 1 or len(scales) > 1:
@@ -80,12 +91,12 @@ def mlx_config_dict(config: LoraConfig, layers: dict[str, LoraLinear], model: An
   if blocks != list(range(n_blocks - len(blocks), n_blocks)) or len(layers) != len(blocks) * len(keys):
     raise LoraError(f"{where}: mlx-lm adapts the same keys in the last num_layers blocks; this adapter has blocks "
                     f"{blocks} of {n_blocks} and keys {keys}")
-  return {"fine_tune_type": "lora", "num_layers": len(blocks),
+  return {"fine_tune_type": "dora" if config.use_dora else "lora", "num_layers": len(blocks),
           "lora_parameters": {"rank": ranks.pop(), "scale": scales.pop(), "dropout": config.lora_dropout, "keys": keys}}
 
 def config_from_mlx(cfg: dict, model: Any, where: str) -> LoraConfig:
   kind = cfg.get("fine_tune_type", "lora")
-  if kind != "lora": raise LoraError(f"{where}: fine_tune_type={kind!r} is not supported (only 'lora')")
+  if kind not in ("lora", "dora"): raise LoraError(f"{where}: fine_tune_type={kind!r} is not supported (only 'lora' and 'dora')")
   params = cfg.get("lora_parameters")
   if not isinstance(params, dict) or "rank" not in params or "scale" not in params:
     raise LoraError(f"{where}: lora_parameters must be an object with 'rank' and 'scale', found {params!r}")
@@ -103,11 +114,15 @@ def config_from_mlx(cfg: dict, model: Any, where: str) -> LoraConfig:
   try:
     # LoraConfig's scale is lora_alpha / r; mlx-lm uses its scale as is, so lora_alpha = scale * r
     return LoraConfig(r=rank, lora_alpha=scale * rank if isinstance(rank, int) else rank, lora_dropout=params.get("dropout", 0.0),
-                      target_modules=list(keys), layers_to_transform=list(range(first, n_blocks)))
+                      target_modules=list(keys), layers_to_transform=list(range(first, n_blocks)), use_dora=kind == "dora")
   except LoraError as e: raise LoraError(f"{where}: {e}") from None
 
-def mlx_state(layers: dict[str, LoraLinear]) -> dict[str, Tensor]:
-  return {f"{p}.lora_{n.lower()}": getattr(l, f"lora_{n}").T for p, l in layers.items() for n in "AB"}
+def mlx_key(path: str, name: str) -> str:
+  """mlx-lm's file key of tensor `name` ("A", "B" or "magnitude") of the adapter at `path`."""
+  return f"{path}.m" if name == "magnitude" else f"{path}.lora_{name.lower()}"
+
+def mlx_state(layers: dict[str, Adapter]) -> dict[str, Tensor]:
+  return {mlx_key(p, n): t.T if t.ndim == 2 else t for p, a in layers.items() for n, t in _tensors(a).items()}
 
 # ---- save / load ----
 
@@ -119,10 +134,11 @@ def detect_format(path: str | os.PathLike) -> str:
   raise LoraError(f"{path / CONFIG_FILE}: unknown adapter format: neither HF PEFT ('peft_type') nor mlx-lm "
                   f"('lora_parameters'); found keys {sorted(cfg)}")
 
-def save_adapter(model: Any, path: str | os.PathLike, format: str = "peft") -> None:
-  """Writes the model's adapter as HF PEFT (`format="peft"`) or mlx-lm (`"mlx"`) files in directory `path`.
-  Each file is written atomically; the weights go first, so a crash never pairs a new config with old weights."""
-  layers, config = _config_of(model)
+def save_adapter(model: Any, path: str | os.PathLike, format: str = "peft", adapter_name: str | None = None) -> None:
+  """Writes the model's adapter `adapter_name` (default: the active one) as HF PEFT (`format="peft"`) or mlx-lm
+  (`"mlx"`) files in directory `path`. Each file is written atomically; the weights go first, so a crash never pairs a
+  new config with old weights."""
+  layers, config = _adapter_of(model, adapter_name)
   path = pathlib.Path(path)
   if format == "peft":
     cfg, tensors, weights = peft_config_dict(config, layers), peft_state(layers), PEFT_WEIGHTS
@@ -136,9 +152,12 @@ def save_adapter(model: Any, path: str | os.PathLike, format: str = "peft") -> N
   write_safetensors(path / weights, arrays, metadata)
   write_json(path / CONFIG_FILE, cfg)
 
-def load_adapter(model: Any, path: str | os.PathLike, format: str | None = None) -> Any:
-  """Reads a PEFT or mlx-lm adapter directory (format detected unless given) and injects it into `model`.
+def load_adapter(model: Any, path: str | os.PathLike, format: str | None = None, adapter_name: str = DEFAULT) -> Any:
+  """Reads a PEFT or mlx-lm adapter directory (format detected unless given) and adds it to `model` as adapter
+  `adapter_name`, beside any already there (the model's first adapter is the active one; see set_adapter).
   Every tensor is checked against the model first: on any error the model is left exactly as it was."""
+  if adapter_name in (names := list_adapters(model)):
+    raise LoraError(f"the model already has an adapter named {adapter_name!r} (adapters: {names}); load it under another adapter_name")
   path = pathlib.Path(path)
   if not path.is_dir(): raise FileNotFoundError(f"adapter directory not found: {path}")
   format = format or detect_format(path)
@@ -148,16 +167,14 @@ def load_adapter(model: Any, path: str | os.PathLike, format: str | None = None)
     if not (path / PEFT_WEIGHTS).exists() and (path / "adapter_model.bin").exists():
       raise LoraError(f"{path / 'adapter_model.bin'}: pickled PyTorch adapters are not supported; save with safetensors")
     config, weights = config_from_peft(cfg, str(cfg_path)), path / PEFT_WEIGHTS
-    key_of = lambda p, n: f"{PEFT_PREFIX}{p}.lora_{n}.weight"
-    transposed = False
+    key_of, transposed = peft_key, False
   elif format == "mlx":
     config, weights = config_from_mlx(cfg, model, str(cfg_path)), path / MLX_WEIGHTS
-    key_of, transposed = lambda p, n: f"{p}.lora_{n.lower()}", True
+    key_of, transposed = mlx_key, True
     mlx_scale = float(cfg["lora_parameters"]["scale"])  # used as is, not recomputed through lora_alpha / r
   else: raise LoraError(f"unknown adapter format {format!r}: expected 'peft' or 'mlx'")
   if not weights.exists(): raise FileNotFoundError(f"adapter weights not found: {weights}")
   tensors, metadata = read_safetensors(weights)
-  if lora_layers(model): raise LoraError("model already has LoRA adapters; merge_and_unload or unload them before loading another")
 
   # Check every key and shape against what this config would build on this model before touching it.
   linears = {p: s for p, s in adaptable_linears(model).items() if config.matches(p)}
@@ -169,6 +186,7 @@ def load_adapter(model: Any, path: str | os.PathLike, format: str | None = None)
     r = config.rank(p)
     expected[key_of(p, "A")] = (r, in_f)
     expected[key_of(p, "B")] = (out_f, r)
+    if config.use_dora: expected[key_of(p, "magnitude")] = (out_f,)
   def found_shape(k): return tuple(tensors[k].shape[::-1] if transposed else tensors[k].shape)
   def file_shape(shape): return tuple(shape[::-1]) if transposed else tuple(shape)
   if missing := sorted(set(expected) - set(tensors)):
@@ -181,7 +199,7 @@ def load_adapter(model: Any, path: str | os.PathLike, format: str | None = None)
     if found_shape(k) != shape:
       got = found_shape(k)
       rank_note = f"; the config's rank is {shape[0] if k.endswith(('A.weight', 'lora_a')) else shape[1]}" \
-                  if (got[0] != shape[0]) != (got[1] != shape[1]) else ""
+                  if len(got) == len(shape) == 2 and (got[0] != shape[0]) != (got[1] != shape[1]) else ""
       raise LoraError(f"{weights}: tensor {k!r} has shape {tuple(tensors[k].shape)}, expected {file_shape(shape)}{rank_note}")
     if not np.issubdtype(tensors[k].dtype, np.floating):
       raise LoraError(f"{weights}: tensor {k!r} has dtype {tensors[k].dtype}, expected a float type")
@@ -190,10 +208,10 @@ def load_adapter(model: Any, path: str | os.PathLike, format: str | None = None)
   if CONFIG_TAG in metadata and metadata[CONFIG_TAG] != _config_digest(cfg):
     raise LoraError(f"{weights} was saved with a different {CONFIG_FILE} than the one beside it (an interrupted save?)")
 
-  def make(p: str, base: Any) -> LoraLinear:
+  def make(p: str, base: Any) -> dict:
     A, B = (tensors[key_of(p, n)].astype(np.float32) for n in "AB")
     if transposed: A, B = A.T, B.T
-    scale = mlx_scale if format == "mlx" else config.scale(p)
-    return LoraLinear(base, config.rank(p), scale, config.lora_dropout, weights=(Tensor(np.ascontiguousarray(A)),
-                                                                                 Tensor(np.ascontiguousarray(B))))
-  return inject(model, config, make)
+    m = Tensor(tensors[key_of(p, "magnitude")].astype(np.float32)) if config.use_dora else None
+    return dict(r=config.rank(p), scale=mlx_scale if format == "mlx" else config.scale(p), dropout=config.lora_dropout,
+                weights=(Tensor(np.ascontiguousarray(A)), Tensor(np.ascontiguousarray(B))), magnitude=m)
+  return inject(model, config, make, adapter_name)

@@ -28,7 +28,8 @@ class LoraConfig:
   target_modules: module names (a module matches when its dotted path equals the name or ends with "." + name),
   a regex string matched against the whole path, or "all-linear" (every linear except the output head).
   init_lora_weights: True (A as nn.Linear's kaiming-uniform init, B = 0, so the adapter starts as the identity),
-  "gaussian" (A ~ N(0, 1/r), B = 0) or False (A and B both random: for tests)."""
+  "gaussian" (A ~ N(0, 1/r), B = 0) or False (A and B both random: for tests).
+  use_dora: DoRA (weight-decomposed LoRA): each row of W + scale * B @ A is normalised and scaled by a trained magnitude."""
   r: int = 8
   lora_alpha: float = 8
   lora_dropout: float = 0.0
@@ -38,6 +39,7 @@ class LoraConfig:
   init_lora_weights: bool | str = True
   rank_pattern: dict[str, int] = field(default_factory=dict)
   alpha_pattern: dict[str, float] = field(default_factory=dict)
+  use_dora: bool = False
 
   def __post_init__(self):
     def check(ok: bool, what: str, value, expected: str):
@@ -59,6 +61,7 @@ class LoraConfig:
             all(isinstance(t, str) and t for t in self.target_modules), "target_modules", self.target_modules,
             "a non-empty list of module names, a regex string, or 'all-linear'")
     check(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "True or False")
+    check(isinstance(self.use_dora, bool), "use_dora", self.use_dora, "True or False")
     if is_int(self.layers_to_transform): self.layers_to_transform = [self.layers_to_transform]
     check(self.layers_to_transform is None or (isinstance(self.layers_to_transform, list) and
           all(is_int(i) and i >= 0 for i in self.layers_to_transform)), "layers_to_transform", self.layers_to_transform,

@@ -58,6 +58,27 @@ def peft_loading_saved(model, base: pathlib.Path, path: pathlib.Path):
                                     getattr(layer, f"lora_{n}").numpy(), err_msg=f"{path}.lora_{n}")
   return pm
 
+def torch_adamw_losses(pm, tokens: np.ndarray, targets: np.ndarray, steps: int, lr: float, wd: float) -> list[float]:
+  """The losses of `steps` torch AdamW steps on pm's trainable parameters (mean next-token cross-entropy)."""
+  import torch
+  opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+  losses = []
+  for _ in range(steps):
+    logits = pm(torch.tensor(tokens)).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.tensor(targets).reshape(-1))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+  return losses
+
+def tl_adamw_losses(model, tokens: np.ndarray, targets: np.ndarray, steps: int, lr: float, wd: float) -> list[float]:
+  """The same steps with tinylora's Trainer: constant learning rate, no clipping."""
+  from tinylora.train import TrainConfig, Trainer
+  trainer = Trainer(model, TrainConfig(lr=lr, iters=steps, warmup=0, min_lr_ratio=1.0, weight_decay=wd, grad_clip=0))
+  mask = np.ones(targets.shape, np.float32)
+  return [trainer.train_step([(tokens, targets, mask)])[0] for _ in range(steps)]
+
 # ---- mlx-lm
 
 def mlx_load(path: pathlib.Path):

@@ -2,36 +2,22 @@
 import numpy as np, pytest
 import tinylora as tl
 from tinylora.models import load_pretrained
-from tinylora.train import TrainConfig, Trainer
-from .common import MAX_DIFFS, assert_close, peft_model
+from .common import MAX_DIFFS, assert_close, peft_model, tl_adamw_losses, torch_adamw_losses
 
 pytestmark = pytest.mark.interop
 
 LR, WD, STEPS = 1e-2, 0.1, 5
 
 def test_adamw_trajectory_matches_torch_peft(peft_adapters):
-  import torch
   ref = peft_adapters["llama_std"]
   batch = np.random.default_rng(0).integers(0, 64, (4, 17))
   tokens, targets = batch[:, :-1], batch[:, 1:]  # mean next-token cross-entropy over every position, on both sides
 
   pm = peft_model(ref.base, ref.path, is_trainable=True)
-  params = [p for p in pm.parameters() if p.requires_grad]
-  assert len(params) == 2 * 7 * 2
-  opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WD)
-  torch_losses = []
-  for _ in range(STEPS):
-    logits = pm(torch.tensor(tokens)).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.tensor(targets).reshape(-1))
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    torch_losses.append(loss.item())
-
+  assert len([p for p in pm.parameters() if p.requires_grad]) == 2 * 7 * 2
+  torch_losses = torch_adamw_losses(pm, tokens, targets, STEPS, LR, WD)
   model = tl.load_adapter(load_pretrained(ref.base), ref.path)
-  trainer = Trainer(model, TrainConfig(lr=LR, iters=STEPS, warmup=0, min_lr_ratio=1.0, weight_decay=WD, grad_clip=0))
-  mask = np.ones(targets.shape, np.float32)
-  tl_losses = [trainer.train_step([(tokens, targets, mask)])[0] for _ in range(STEPS)]
+  tl_losses = tl_adamw_losses(model, tokens, targets, STEPS, LR, WD)
 
   rel = np.abs(np.array(tl_losses) / np.array(torch_losses) - 1)
   MAX_DIFFS["train: loss trajectory, relative (tinylora Trainer vs torch AdamW + PEFT)"] = float(rel.max())

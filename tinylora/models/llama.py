@@ -14,6 +14,7 @@ import numpy as np
 from tinygrad import Tensor, UOp, dtypes, nn
 from tinygrad.dtype import DType
 from tinylora.errors import LoraError
+from tinylora.lora import mixed_batch
 from tinylora.device_policy import base_forward
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -216,9 +217,13 @@ class Model:
   def make_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
     return KVCache(self.config, batch, max_len or self.config.max_position_embeddings, self.dtype, self.model.norm.weight.device)
 
-  def __call__(self, tokens: Tensor, start_pos: int | UOp = 0, cache: KVCache | None = None) -> Tensor:
+  def __call__(self, tokens: Tensor, start_pos: int | UOp = 0, cache: KVCache | None = None,
+               adapter_names: list[str] | None = None) -> Tensor:
+    """`adapter_names`: one adapter name per batch row ("__base__" for none), see tinylora.mixed_batch."""
     if tokens.ndim != 2 or not dtypes.is_int(tokens.dtype):
       raise LoraError(f"tokens must be an integer tensor of shape (batch, time), found {tokens.dtype} {tokens.shape}")
+    if adapter_names is not None:
+      with mixed_batch(self, adapter_names, tokens.shape[0]): return self(tokens, start_pos, cache)
     if cache is None and not (isinstance(start_pos, int) and start_pos == 0): raise LoraError("start_pos > 0 needs a KV cache")
     c, T = self.config, tokens.shape[1]
     max_len = cache.max_len if cache is not None else T
