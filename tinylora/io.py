@@ -1,7 +1,7 @@
 """Crash-safe file writes and checked safetensors reads shared by adapters, checkpoints and merged models."""
 from __future__ import annotations
 import contextlib, json, math, os, pathlib, struct, tempfile
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 import numpy as np
 from tinylora.errors import LoraError
 
@@ -88,3 +88,22 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], m
   with atomic_path(path) as tmp, open(tmp, "wb") as f:
     f.write(struct.pack("<Q", len(hb)) + hb)
     for arr in arrays: f.write(arr.tobytes())
+
+def check_arrays(where: str, arrays: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], ignored: Iterable[str] = (),
+                 floats: bool = False, note: Callable[[str, tuple[int, ...]], str] | None = None) -> None:
+  """The one check before a load assigns anything: raises LoraError naming `where` and the first key that `arrays` lacks,
+  has beyond `expected` (and `ignored`), or holds in another shape; with `floats`, also a non-float or non-finite array.
+  `note(key, found_shape)` may add a hint to a shape error."""
+  if missing := sorted(set(expected) - set(arrays)):
+    raise LoraError(f"{where}: tensor {missing[0]!r} of shape {tuple(expected[missing[0]])} is missing "
+                    f"({len(missing)} missing in all)")
+  if extra := sorted(set(arrays) - set(expected) - set(ignored)):
+    raise LoraError(f"{where}: unexpected tensor {extra[0]!r} of shape {tuple(arrays[extra[0]].shape)} "
+                    f"({len(extra)} unexpected in all)")
+  for key, shape in expected.items():
+    found = tuple(arrays[key].shape)
+    if found != tuple(shape):
+      raise LoraError(f"{where}: tensor {key!r} has shape {found}, expected {tuple(shape)}{note(key, found) if note else ''}")
+    if floats and not np.issubdtype(arrays[key].dtype, np.floating):
+      raise LoraError(f"{where}: tensor {key!r} has dtype {arrays[key].dtype}, expected a float type")
+    if floats and not np.isfinite(arrays[key]).all(): raise LoraError(f"{where}: tensor {key!r} holds non-finite values (nan or inf)")

@@ -81,55 +81,55 @@ def dequantize_tensor(wq: Tensor, scales: Tensor, biases: Tensor, bits: int, gro
   q = _unpack(wq, bits).cast(dtype).unflatten(-1, (-1, group_size))
   return (q * scales.cast(dtype).unsqueeze(-1) + biases.cast(dtype).unsqueeze(-1)).flatten(-2)
 
-class QuantizedLinear:
+class _Packed:
+  """`weight` (uint32 codes), `scales` and `biases` of a (rows, cols) matrix in mlx's affine layout, quantized along cols."""
+  def __init__(self, rows: int, cols: int, bits: int, group_size: int, dtype: DType):
+    check_quant_params(bits, group_size)
+    _check_in_features(cols, group_size)
+    self.bits, self.group_size = bits, group_size
+    self.weight = Tensor.zeros(rows, cols * bits // 32, dtype=dtypes.uint32)
+    self.scales = Tensor.zeros(rows, cols // group_size, dtype=dtype)
+    self.biases = Tensor.zeros(rows, cols // group_size, dtype=dtype)
+
+  def _pack(self, w: Tensor) -> None:
+    wq, scales, biases = quantize_array(w.numpy(), self.bits, self.group_size)
+    self.weight, self.scales, self.biases = Tensor(wq), Tensor(scales), Tensor(biases)
+
+  def dequantize(self, dtype: DType | None = None) -> Tensor:
+    """The (rows, cols) matrix, lazily, in `dtype` (default: the scales' dtype)."""
+    return dequantize_tensor(self.weight, self.scales, self.biases, self.bits, self.group_size, dtype or self.scales.dtype)
+
+class QuantizedLinear(_Packed):
   """A frozen `nn.Linear` in mlx's affine layout: `weight` (uint32), `scales`, `biases`, optional `bias`."""
   def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4, group_size: int = 64,
                dtype: DType = dtypes.float32):
-    check_quant_params(bits, group_size)
-    _check_in_features(in_features, group_size)
-    self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
-    self.weight = Tensor.zeros(out_features, in_features * bits // 32, dtype=dtypes.uint32)
-    self.scales = Tensor.zeros(out_features, in_features // group_size, dtype=dtype)
-    self.biases = Tensor.zeros(out_features, in_features // group_size, dtype=dtype)
+    super().__init__(out_features, in_features, bits, group_size, dtype)
+    self.in_features, self.out_features = in_features, out_features
     self.bias: Tensor | None = Tensor.zeros(out_features, dtype=dtype) if bias else None
 
   @classmethod
   def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 64) -> QuantizedLinear:
     out_features, in_features = linear.weight.shape
     ql = cls(in_features, out_features, False, bits, group_size, linear.weight.dtype)
-    wq, scales, biases = quantize_array(linear.weight.numpy(), bits, group_size)
-    ql.weight, ql.scales, ql.biases = Tensor(wq), Tensor(scales), Tensor(biases)
+    ql._pack(linear.weight)
     ql.bias = linear.bias
     return ql
-
-  def dequantize(self, dtype: DType | None = None) -> Tensor:
-    """The (out, in) weight, lazily, in `dtype` (default: the scales' dtype)."""
-    return dequantize_tensor(self.weight, self.scales, self.biases, self.bits, self.group_size, dtype or self.scales.dtype)
 
   def __call__(self, x: Tensor) -> Tensor:
     bias = None if self.bias is None else self.bias.cast(x.dtype)
     return x.linear(self.dequantize(x.dtype).T, bias)
 
-class QuantizedEmbedding:
+class QuantizedEmbedding(_Packed):
   """A frozen `nn.Embedding` in mlx's affine layout; `as_linear` is the tied output head."""
   def __init__(self, num_embeddings: int, dims: int, bits: int = 4, group_size: int = 64, dtype: DType = dtypes.float32):
-    check_quant_params(bits, group_size)
-    _check_in_features(dims, group_size)
-    self.num_embeddings, self.dims, self.bits, self.group_size = num_embeddings, dims, bits, group_size
-    self.weight = Tensor.zeros(num_embeddings, dims * bits // 32, dtype=dtypes.uint32)
-    self.scales = Tensor.zeros(num_embeddings, dims // group_size, dtype=dtype)
-    self.biases = Tensor.zeros(num_embeddings, dims // group_size, dtype=dtype)
+    super().__init__(num_embeddings, dims, bits, group_size, dtype)
+    self.num_embeddings, self.dims = num_embeddings, dims
 
   @classmethod
   def from_embedding(cls, embedding: nn.Embedding, bits: int = 4, group_size: int = 64) -> QuantizedEmbedding:
-    num_embeddings, dims = embedding.weight.shape
-    qe = cls(num_embeddings, dims, bits, group_size, embedding.weight.dtype)
-    wq, scales, biases = quantize_array(embedding.weight.numpy(), bits, group_size)
-    qe.weight, qe.scales, qe.biases = Tensor(wq), Tensor(scales), Tensor(biases)
+    qe = cls(*embedding.weight.shape, bits, group_size, embedding.weight.dtype)
+    qe._pack(embedding.weight)
     return qe
-
-  def dequantize(self, dtype: DType | None = None) -> Tensor:
-    return dequantize_tensor(self.weight, self.scales, self.biases, self.bits, self.group_size, dtype or self.scales.dtype)
 
   def __call__(self, idx: Tensor) -> Tensor:
     """Gathers the packed rows first (as nn.Embedding does, by a one-hot compare), then dequantizes only those."""

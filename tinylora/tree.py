@@ -1,7 +1,7 @@
 """Walking and editing a model's object tree the way nn.state.get_state_dict names it (attributes, lists, dicts)."""
 from __future__ import annotations
 from typing import Any, Iterator
-from tinygrad import Tensor
+from tinygrad import Tensor, nn
 
 def named_modules(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any, Any]]:
   """Yields (dotted path, module, parent container, key in parent) for every object below `obj` that is not a Tensor
@@ -21,3 +21,13 @@ def named_modules(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any, A
 def replace_module(parent: Any, key: Any, value: Any) -> None:
   if isinstance(parent, (list, dict)): parent[key] = value
   else: setattr(parent, key, value)
+
+def unique_state_dict(obj: Any) -> dict[str, Tensor]:
+  """nn.state.get_state_dict(obj) with each tensor once, under its first name: a tensor shared by two modules (a tied
+  lm_head, plain or quantized) is stored and counted once."""
+  state: dict[str, Tensor] = {}
+  seen: set[int] = set()
+  for key, t in nn.state.get_state_dict(obj).items():
+    if id(t) not in seen: state[key] = t
+    seen.add(id(t))
+  return state

@@ -1,9 +1,10 @@
-"""mlx-lm adapters and 4-bit checkpoints give mlx-lm's logits in tinylora, and the adapters tinylora saves in mlx-lm's
-format load in mlx-lm with every tensor and give the same logits."""
+"""mlx-lm adapters and 4-bit checkpoints give mlx-lm's logits in tinylora, the adapters tinylora saves in mlx-lm's
+format load in mlx-lm with every tensor and give the same logits, and tinylora's quantization is bit-exact with mlx's."""
 import json
-import pytest
+import numpy as np, pytest
 import tinylora as tl
 from tinylora.models import load_pretrained
+from tinylora.quant import BITS, GROUP_SIZES, dequantize_array, quantize_array
 from .common import assert_close, mlx_load, mlx_loading_saved, mlx_logits, tl_logits
 from .conftest import MLX_VARIANTS, QUANT_VARIANTS
 
@@ -57,3 +58,17 @@ def test_tinylora_quantized_checkpoint_loads_in_mlx_lm(needs_mlx, hf_models, tmp
   save_pretrained(model, tmp_path)
   mlx_model, _ = mlx_load(tmp_path)
   assert_close(f"quant {name}: tinylora quantize + save_pretrained, loaded by mlx-lm", mlx_logits(mlx_model), tl_logits(model))
+
+def test_quantize_array_is_bit_exact_with_mx_quantize(needs_mlx):
+  import mlx.core as mx
+  rng = np.random.default_rng(0)
+  for bits in BITS:
+    for group_size in GROUP_SIZES:
+      for dtype in (np.float32, np.float16):
+        w = (rng.standard_normal((8, 256)) * 0.05).astype(dtype)
+        w[0], w[1], w[2] = 0, 0.3, np.abs(w[2])
+        ref = [np.array(a) for a in mx.quantize(mx.array(w), group_size=group_size, bits=bits)]
+        ours = quantize_array(w, bits, group_size)
+        for a, b in zip(ours, ref): np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(dequantize_array(*ours, bits, group_size),
+                                      np.array(mx.dequantize(*(mx.array(a) for a in ref), group_size=group_size, bits=bits)))

@@ -7,11 +7,12 @@ dtype policy: with `dtype=None` a model whose file holds only float16 tensors lo
 from __future__ import annotations
 import os, pathlib
 import numpy as np
-from tinygrad import Tensor, dtypes, nn
+from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 from tinylora.errors import LoraError
-from tinylora.io import read_json, read_safetensors, write_json, write_safetensors
+from tinylora.io import check_arrays, read_json, read_safetensors, write_json, write_safetensors
 from tinylora.models.llama import Model, ModelConfig
+from tinylora.tree import unique_state_dict
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older Llama checkpoints saved; recomputed here
 _SAVE_DTYPES = (dtypes.float32, dtypes.float16)
@@ -38,37 +39,23 @@ def read_weights(path: pathlib.Path) -> dict[str, np.ndarray]:
       raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
     return read_safetensors(single)[0]
   weight_map = read_json(index).get("weight_map")
-  if not isinstance(weight_map, dict): raise LoraError(f"{index}: no weight_map object")
+  if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+    raise LoraError(f"{index}: expected a weight_map object of tensor name -> shard file name, found {str(weight_map)[:80]}")
   weights: dict[str, np.ndarray] = {}
   for shard in sorted(set(weight_map.values())):
     if not (shard_path := path / shard).exists(): raise FileNotFoundError(f"shard listed in {index} not found: {shard_path}")
-    weights.update(read_safetensors(shard_path)[0])
+    part = read_safetensors(shard_path)[0]
+    if twice := sorted(set(part) & set(weights)): raise LoraError(f"{index}: tensor {twice[0]!r} is stored in {shard} and in another shard")
+    weights.update(part)
   if missing := sorted(set(weight_map) - set(weights)):
     raise LoraError(f"{index}: key {missing[0]!r} is listed in weight_map but not found in shard {weight_map[missing[0]]}")
   return weights
 
-def expected_keys(model: Model) -> dict[str, Tensor]:
-  """The model's state dict as stored in a file: a tensor shared by two modules (a tied lm_head, plain or quantized)
-  is stored once, under its first name."""
-  state, seen = {}, set()
-  for key, t in nn.state.get_state_dict(model).items():
-    if id(t) not in seen: state[key] = t
-    seen.add(id(t))
-  return state
-
 def assign_weights(model: Model, weights: dict[str, np.ndarray], dtype: DType | None = None) -> None:
   """Replaces every parameter with the array of the same key, checking the key sets and shapes first."""
-  state = expected_keys(model)
+  state = unique_state_dict(model)
   ignored = {k for k in weights if k.endswith(_IGNORED_SUFFIXES) or (k == "lm_head.weight" and model.config.tie_word_embeddings)}
-  if missing := sorted(set(state) - set(weights)):
-    raise LoraError(f"weight {missing[0]!r} of shape {state[missing[0]].shape} is missing from the checkpoint "
-                    f"({len(missing)} missing in all)")
-  if extra := sorted(set(weights) - set(state) - ignored):
-    raise LoraError(f"checkpoint has unexpected weight {extra[0]!r} of shape {weights[extra[0]].shape} "
-                    f"({len(extra)} unexpected in all)")
-  for key, t in state.items():
-    if tuple(weights[key].shape) != t.shape:
-      raise LoraError(f"weight {key!r}: expected shape {t.shape}, found {tuple(weights[key].shape)} in the checkpoint")
+  check_arrays("checkpoint", weights, {k: t.shape for k, t in state.items()}, ignored)
   floats = [a for a in weights.values() if np.issubdtype(a.dtype, np.floating)]
   if dtype is None: dtype = dtypes.float16 if floats and all(a.dtype == np.float16 for a in floats) else dtypes.float32
   for key, t in state.items():
@@ -82,8 +69,8 @@ def save_pretrained(model: Model, path: str | os.PathLike, dtype: DType | None =
   merged first: its adapter tensors have no place in an HF model file."""
   if dtype is not None and dtype not in _SAVE_DTYPES:
     raise LoraError(f"save_pretrained writes float32 or float16, not {dtype}")
-  reference = expected_keys(Model(model.config))
-  state = expected_keys(model)
+  reference = unique_state_dict(Model(model.config))
+  state = unique_state_dict(model)
   for key in state:
     base = key.rsplit(".", 1)[0]
     if key not in reference and not (key.endswith((".scales", ".biases")) and f"{base}.weight" in reference):
