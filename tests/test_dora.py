@@ -171,3 +171,20 @@ def test_dropout_applies_to_the_low_rank_input_only():
   np.testing.assert_array_equal(layer(x).numpy(), layer(x).numpy())  # no dropout outside training
   with Context(TRAINING=1): a, b = layer(x).numpy(), layer(x).numpy()
   assert np.abs(a - b).max() > 0
+
+def test_checkpoint_resume_restores_the_magnitude(tmp_path):
+  tok = np.random.default_rng(0).integers(0, 48, (4, 8)).astype(np.int32)
+  batch = [(tok, (tok * 7 + 3) % 48, np.ones((4, 8), np.float32))]
+  def trainer(seed):
+    Tensor.manual_seed(0)
+    base = TinyLM()
+    Tensor.manual_seed(seed)
+    return Trainer(tl.inject(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], use_dora=True)),
+                   TrainConfig(lr=2e-2, iters=4, warmup=0))
+  a = trainer(0)
+  for _ in range(2): a.train_step(batch)
+  a.save_checkpoint(tmp_path)
+  b = trainer(1)  # other adapter tensors at the start: everything must come from the checkpoint
+  b.load_checkpoint(tmp_path)
+  for t, u in zip(tl.trainable_parameters(a.model), tl.trainable_parameters(b.model)): np.testing.assert_array_equal(t.numpy(), u.numpy())
+  np.testing.assert_allclose(b.train_step(batch)[0], a.train_step(batch)[0], rtol=1e-6)

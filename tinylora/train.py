@@ -7,7 +7,7 @@ from typing import Any, Callable
 import numpy as np
 from tinygrad import Tensor, TinyJit, nn, dtypes
 from tinygrad.helpers import Context, tqdm
-from tinylora.adapter import save_adapter, PEFT_WEIGHTS
+from tinylora.adapter import save_adapter, peft_state, PEFT_WEIGHTS
 from tinylora.data import Example, batch_at, eval_batches
 from tinylora.errors import LoraError
 from tinylora.io import read_json, read_safetensors, write_json, write_safetensors
@@ -134,7 +134,7 @@ class Trainer:
     opt, _ = read_safetensors(ckpt / "optimizer.safetensors")
     adapter, _ = read_safetensors(ckpt / PEFT_WEIGHTS)
     layers = lora_layers(self.model)
-    expected = {f"base_model.model.{p}.lora_{n}.weight": getattr(l, f"lora_{n}") for p, l in layers.items() for n in "AB"}
+    expected = peft_state({p: l.adapter for p, l in layers.items()})  # A, B and DoRA's magnitude
     targets = expected | {f"m.{i}": m for i, m in enumerate(self.opt.m)} | {f"v.{i}": v for i, v in enumerate(self.opt.v)}
     targets |= {"b1_t": self.opt.b1_t, "b2_t": self.opt.b2_t}
     arrays = adapter | opt
