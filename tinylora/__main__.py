@@ -1,0 +1,4 @@
+import sys
+from tinylora.cli import main
+
+sys.exit(main())

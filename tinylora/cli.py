@@ -1,0 +1,217 @@
+"""The `tinylora` command line (also `python -m tinylora`), with mlx-lm's flag names where mlx-lm has one:
+
+  tinylora train --model M --data D --train [--iters N --batch-size B --learning-rate LR --num-layers N --dora ...]
+  tinylora fuse --model M --adapter-path A --save-path OUT
+  tinylora generate --model M [--adapter-path A] --prompt "..." [--max-tokens N --temp T]
+  tinylora convert --model M --adapter-path IN --save-path OUT --format mlx|peft|gguf
+
+A model is a local Hugging Face directory (config.json, safetensors, tokenizer.json) or a .gguf file. Errors print one
+line and exit with status 1 (2 for a bad command line)."""
+from __future__ import annotations
+import argparse, json, math, pathlib, sys
+from typing import Sequence
+from tinylora.errors import LoraError
+
+ALL7 = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message: str):  # one line, not argparse's usage block
+    self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+def _model_flag(p: argparse.ArgumentParser):
+  p.add_argument("--model", required=True, help="the base model: a local Hugging Face directory or a .gguf file")
+
+def _train_parser(sub) -> None:
+  p = sub.add_parser("train", help="fine-tune a LoRA or DoRA adapter", description="Fine-tunes an adapter on --data "
+                     "(train.jsonl, valid.jsonl, test.jsonl in mlx-lm's formats: text, prompt/completion or messages) "
+                     "and saves it to --adapter-path. Flags may also come from a JSON or YAML file (-c); the command "
+                     "line wins.")
+  p.add_argument("--model", help="the base model: a local Hugging Face directory or a .gguf file")
+  p.add_argument("-c", "--config", help="JSON or YAML file of flag values (keys as the flags, '-' written '_'; mlx-lm's "
+                 "lora_parameters {rank, scale, dropout, keys} and fine_tune_type are understood too)")
+  p.add_argument("--data", help="directory with train.jsonl and valid.jsonl (and test.jsonl for --test)")
+  p.add_argument("--train", action="store_true", default=None, help="train (mlx-lm's switch)")
+  p.add_argument("--test", action="store_true", default=None, help="report the loss on test.jsonl after training")
+  p.add_argument("--iters", type=int, help="optimizer steps (default 1000)")
+  p.add_argument("--batch-size", type=int, help="sequences per step (default 4)")
+  p.add_argument("--learning-rate", type=float, help="peak learning rate (default 1e-5, mlx-lm's)")
+  p.add_argument("--warmup", type=int, help="linear warmup steps before the cosine decay (default 0)")
+  p.add_argument("--num-layers", type=int, help="adapt the last N decoder layers, -1 for all (default 16)")
+  p.add_argument("--max-seq-length", type=int, help="tokens per sequence; longer examples are truncated (default 2048)")
+  p.add_argument("--mask-prompt", action="store_true", default=None, help="no loss on the prompt (everything before "
+                 "the completion or the last message)")
+  p.add_argument("--rank", type=int, help="LoRA rank r (default 8)")
+  p.add_argument("--alpha", type=float, help="LoRA alpha; the scale is alpha / r (default 2 * rank)")
+  p.add_argument("--dropout", type=float, help="dropout on the adapter's input (default 0)")
+  p.add_argument("--targets", help=f"comma-separated module names, or all-linear (default {ALL7})")
+  p.add_argument("--dora", action="store_true", default=None, help="train DoRA instead of LoRA")
+  p.add_argument("--adapter-path", help="where the adapter and its checkpoints are written (default adapters)")
+  p.add_argument("--format", choices=["peft", "mlx", "gguf"], help="adapter file format (default peft)")
+  p.add_argument("--resume-adapter-file", help="start from this adapter directory, or continue from the checkpoint "
+                 "directory of an earlier run (ADAPTER_PATH/checkpoints) with its optimizer state and step")
+  p.add_argument("--steps-per-eval", type=int, help="validate every N steps (default 200)")
+  p.add_argument("--val-batches", type=int, help="validation batches, -1 for the whole set (default 25)")
+  p.add_argument("--save-every", type=int, help="checkpoint every N steps (default 100)")
+  p.add_argument("--grad-checkpoint", action="store_true", default=None, help="recompute each layer in the backward "
+                 "instead of keeping its activations (less memory)")
+  p.add_argument("--devices", help="comma-separated devices to train on data-parallel, e.g. CUDA:0,CUDA:1")
+  p.add_argument("--seed", type=int, help="random seed (default 0)")
+
+TRAIN_DEFAULTS = dict(train=False, test=False, iters=1000, batch_size=4, learning_rate=1e-5, warmup=0, num_layers=16,
+                      max_seq_length=2048, mask_prompt=False, rank=8, alpha=None, dropout=0.0, targets=ALL7, dora=False,
+                      adapter_path="adapters", format="peft", resume_adapter_file=None, steps_per_eval=200,
+                      val_batches=25, save_every=100, grad_checkpoint=False, devices=None, seed=0, model=None, data=None)
+
+def _parser() -> argparse.ArgumentParser:
+  p = _Parser(prog="tinylora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  _train_parser(sub)
+  f = sub.add_parser("fuse", help="fold an adapter into the model and save it", description="Loads --model with the "
+                     "adapter at --adapter-path, folds it into the weights and saves a plain model (HF directory with "
+                     "the tokenizer, or a .gguf file with --export-gguf).")
+  _model_flag(f)
+  f.add_argument("--adapter-path", default="adapters", help="the adapter directory, PEFT or mlx-lm (default adapters)")
+  f.add_argument("--save-path", default="fused_model", help="where the fused model goes (default fused_model)")
+  f.add_argument("--de-quantize", action="store_true", help="keep a quantized base's fused weights in float16 "
+                 "(default: quantize them again with the base's bits and group size)")
+  f.add_argument("--export-gguf", action="store_true", help="write one llama.cpp .gguf file at --save-path")
+  g = sub.add_parser("generate", help="generate text", description="Greedy or sampled generation from --prompt, with "
+                     "the model's chat template unless --ignore-chat-template.")
+  _model_flag(g)
+  g.add_argument("--adapter-path", help="an adapter directory to apply (PEFT or mlx-lm)")
+  g.add_argument("--prompt", required=True, help="the prompt text")
+  g.add_argument("--max-tokens", type=int, default=100, help="most new tokens (default 100)")
+  g.add_argument("--temp", type=float, default=0.0, help="sampling temperature, 0 for greedy (default 0)")
+  g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1)")
+  g.add_argument("--seed", type=int, help="random seed for sampling")
+  g.add_argument("--ignore-chat-template", action="store_true", help="use the prompt as it is")
+  c = sub.add_parser("convert", help="rewrite an adapter in another format", description="Loads the adapter at "
+                     "--adapter-path onto --model (checking every tensor) and writes it to --save-path in --format.")
+  _model_flag(c)
+  c.add_argument("--adapter-path", required=True, help="the adapter directory, PEFT or mlx-lm (detected)")
+  c.add_argument("--save-path", required=True, help="output directory (a .gguf file for --format gguf)")
+  c.add_argument("--format", required=True, choices=["peft", "mlx", "gguf"], help="the format to write")
+  return p
+
+def _load_model(path: str):
+  from tinylora.models import load_pretrained
+  if not pathlib.Path(path).exists(): raise FileNotFoundError(f"model not found: {path}")
+  return load_pretrained(path)
+
+def _load_tokenizer(path: str):
+  from tinylora.tokenizer import load_tokenizer
+  return load_tokenizer(path)
+
+def _config_values(path: str) -> dict:
+  """Flag values from a JSON or YAML file, in the flags' underscore spelling."""
+  text = pathlib.Path(path).read_text()
+  if path.endswith((".yaml", ".yml")):
+    try: import yaml
+    except ImportError: raise LoraError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or write the config as JSON") from None
+    values = yaml.safe_load(text)
+  else:
+    try: values = json.loads(text)
+    except json.JSONDecodeError as e: raise LoraError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(values, dict): raise LoraError(f"{path}: expected a mapping of flag names to values")
+  values = {k.replace("-", "_"): v for k, v in values.items()}
+  if (kind := values.pop("fine_tune_type", None)) is not None:
+    if kind not in ("lora", "dora"): raise LoraError(f"{path}: fine_tune_type={kind!r}: tinylora trains 'lora' or 'dora'")
+    values.setdefault("dora", kind == "dora")
+  if isinstance(params := values.pop("lora_parameters", None), dict):
+    if "rank" in params: values.setdefault("rank", params["rank"])
+    if "dropout" in params: values.setdefault("dropout", params["dropout"])
+    if "keys" in params: values.setdefault("targets", ",".join(k.rsplit(".", 1)[-1] for k in params["keys"]))
+    if "scale" in params: values.setdefault("alpha", params["scale"] * values.get("rank", TRAIN_DEFAULTS["rank"]))
+  if unknown := sorted(set(values) - set(TRAIN_DEFAULTS)): raise LoraError(f"{path}: unknown option(s) {unknown}")
+  return values
+
+def _train_args(args: argparse.Namespace) -> argparse.Namespace:
+  """Command line over config file over defaults."""
+  file = _config_values(args.config) if args.config else {}
+  merged = {k: v if (v := getattr(args, k)) is not None else file.get(k, default) for k, default in TRAIN_DEFAULTS.items()}
+  merged["alpha"] = merged["alpha"] if merged["alpha"] is not None else 2.0 * merged["rank"]
+  for k in ("model", "data"):
+    if merged[k] is None: raise LoraError(f"train needs --{k} (on the command line or in the -c config)")
+  if not (merged["train"] or merged["test"]): raise LoraError("nothing to do: pass --train to train (and/or --test)")
+  return argparse.Namespace(**merged)
+
+def train(a: argparse.Namespace) -> None:
+  import tinylora as tl
+  from tinylora.data import eval_batches, load_dataset
+  from tinylora.io import read_json
+  from tinylora.train import Trainer, TrainConfig, fit
+  from tinygrad import Tensor
+  Tensor.manual_seed(a.seed)
+  data, out = pathlib.Path(a.data), pathlib.Path(a.adapter_path)
+  model, tokenizer = _load_model(a.model), _load_tokenizer(a.model)
+  files = ["train.jsonl", "valid.jsonl"] if a.train else []
+  for name in files + (["test.jsonl"] if a.test else []):
+    if not (data / name).exists(): raise FileNotFoundError(f"data file not found: {data / name}")
+  resume = pathlib.Path(a.resume_adapter_file) if a.resume_adapter_file else None
+  checkpoints = resume is not None and (resume / "latest.json").exists()
+  if resume is not None:  # the adapter as it was saved, its config included; from a checkpoint directory, the latest
+    tl.load_adapter(model, resume / str(read_json(resume / "latest.json").get("checkpoint")) if checkpoints else resume)
+  else:
+    n = model.config.num_hidden_layers
+    layers = list(range(max(0, n - a.num_layers), n)) if a.num_layers > 0 else None
+    targets = a.targets if a.targets == "all-linear" else a.targets.split(",")
+    tl.inject(model, tl.LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=targets,
+                                   layers_to_transform=layers, use_dora=a.dora))
+  trainable, total = tl.count_parameters(model)
+  print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+  trainer = Trainer(model, TrainConfig(lr=a.learning_rate, iters=a.iters, warmup=a.warmup, grad_checkpoint=a.grad_checkpoint),
+                    devices=a.devices.split(",") if a.devices else None)
+  pad, val_batches = tokenizer.pad_id or 0, None if a.val_batches < 0 else a.val_batches
+  if a.train:
+    if checkpoints: print(f"resumed at step {trainer.load_checkpoint(resume)['step']}")
+    train_set, valid = (load_dataset(data / f, tokenizer, a.mask_prompt) for f in files)
+    history = fit(trainer, train_set, valid, a.batch_size, a.max_seq_length, seed=a.seed, pad_id=pad,
+                  val_every=a.steps_per_eval, val_batches=val_batches, checkpoint_dir=out / "checkpoints", save_every=a.save_every)
+    target = out / "adapter.gguf" if a.format == "gguf" else out
+    tl.save_adapter(model, target, format=a.format)
+    last = history[-1] if history else {}
+    print(f"saved the adapter to {target} ({a.format}); last train loss {last.get('loss', float('nan')):.3f}")
+  if a.test:
+    test = load_dataset(data / "test.jsonl", tokenizer, a.mask_prompt)
+    loss = trainer.evaluate(eval_batches(test, a.batch_size, a.max_seq_length, pad, val_batches))
+    print(f"test loss {loss:.3f}, test perplexity {math.exp(min(loss, 700)):.3f}")
+
+def fuse(a: argparse.Namespace) -> None:
+  import tinylora as tl
+  from tinylora.models import save_pretrained
+  from tinylora.quant import QuantizedLinear
+  model = tl.load_adapter(_load_model(a.model), a.adapter_path)
+  quantized = any(isinstance(l.base, QuantizedLinear) for l in tl.lora_layers(model).values())
+  tl.merge_and_unload(model, requantize=quantized and not a.de_quantize)
+  tokenizer = _load_tokenizer(a.model)
+  save_pretrained(model, a.save_path, format="gguf" if a.export_gguf else "hf", tokenizer=tokenizer)
+  print(f"saved the fused model to {a.save_path}")
+
+def generate(a: argparse.Namespace) -> None:
+  import tinylora as tl
+  from tinylora.generate import generate as run
+  model, tokenizer = _load_model(a.model), _load_tokenizer(a.model)
+  if a.adapter_path: tl.load_adapter(model, a.adapter_path)
+  chat = not a.ignore_chat_template and getattr(tokenizer, "chat_template", None)
+  text = tokenizer.apply_chat_template([{"role": "user", "content": a.prompt}], add_generation_prompt=True) if chat else a.prompt
+  stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+  ids = run(model, tokenizer.encode(text), a.max_tokens, a.temp, a.top_p, stop, a.seed)
+  print(tokenizer.decode(ids, skip_special_tokens=True))
+
+def convert(a: argparse.Namespace) -> None:
+  from tinylora.convert import convert as run
+  source = run(a.model, a.adapter_path, a.save_path, a.format)
+  print(f"converted {a.adapter_path} ({source}) -> {a.save_path} ({a.format})")
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    if args.command == "train": train(_train_args(args))
+    else: {"fuse": fuse, "generate": generate, "convert": convert}[args.command](args)
+  except (LoraError, OSError, ImportError) as e:
+    print(f"tinylora {args.command}: error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+if __name__ == "__main__":
+  sys.exit(main())
