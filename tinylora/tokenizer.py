@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime, json, os, pathlib, re
 from typing import Protocol
 from tinylora.errors import LoraError
-from tinylora.io import read_json
+from tinylora.io import atomic_path, read_json, write_json
 
 class Tokenizer(Protocol):
   vocab_size: int
@@ -75,6 +75,16 @@ class HFTokenizer:
     if isinstance(self.chat_template, list):  # named templates: [{"name": "default", "template": ...}, ...]
       self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), None)
 
+  def save(self, directory: str | os.PathLike) -> None:
+    """Writes tokenizer.json and tokenizer_config.json (special tokens, chat template) for transformers and tinylora."""
+    directory = pathlib.Path(directory)
+    with atomic_path(directory / "tokenizer.json") as tmp: self.tokenizer.save(str(tmp))
+    config = {k: v for k, v in self.config.items() if k not in ("bos_token", "eos_token", "pad_token", "chat_template")}
+    config |= {"tokenizer_class": config.get("tokenizer_class", "PreTrainedTokenizerFast"), "bos_token": self.bos_token,
+               "eos_token": self.eos_token, "pad_token": _token_text(self.config.get("pad_token")),
+               "chat_template": self.chat_template}
+    write_json(directory / "tokenizer_config.json", {k: v for k, v in config.items() if v is not None})
+
   def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
     """Ids of `text`; add_special_tokens applies the tokenizer's post-processor (e.g. prepends bos for Llama)."""
     return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
@@ -121,7 +131,6 @@ _LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 GGUF_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
                "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 def _byte_alphabet() -> set[str]:
   """The 256 characters byte-level BPE spells bytes with (GPT-2's bytes_to_unicode)."""
@@ -140,6 +149,7 @@ def gguf_tokenizer(kv: dict, where: str = "GGUF") -> HFTokenizer:
   """The tokenizer in GGUF metadata, built as transformers' GGUF loader builds it: byte-level BPE ("gpt2": Llama 3,
   Qwen2, SmolLM, ...) or SentencePiece BPE ("llama": Llama 2, Mistral), with control tokens special, user-defined
   tokens added, bos/eos added as `add_bos_token` / `add_eos_token` say, and the chat template."""
+  from tinylora.models.gguf import CONTROL, USER_DEFINED
   tk = _tokenizers()
   kind, tokens = kv.get("tokenizer.ggml.model"), kv.get("tokenizer.ggml.tokens")
   if kind not in ("gpt2", "llama") or not tokens:
@@ -175,4 +185,6 @@ def gguf_tokenizer(kv: dict, where: str = "GGUF") -> HFTokenizer:
   pair = single + (f" {bos}:1" if add_bos else "") + " $B:1" + (f" {eos}:1" if add_eos else "")
   tokenizer.post_processor = tk.processors.TemplateProcessing(
     single=single, pair=pair, special_tokens=[(t, vocab[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on])
-  return HFTokenizer(tokenizer, {**special, "chat_template": kv.get("tokenizer.chat_template")})
+  out = HFTokenizer(tokenizer, {**special, "chat_template": kv.get("tokenizer.chat_template")})
+  out.gguf_metadata = {k: v for k, v in kv.items() if k.startswith("tokenizer.")}
+  return out

@@ -9,7 +9,7 @@ and a float16 scale (and min), so they are repacked, without rounding, into `tin
 (multiplying a float16 by a power of two is exact, and the dequantized values computed in float32 equal llama.cpp's).
 """
 from __future__ import annotations
-import io, os, pathlib, re
+import io, json, os, pathlib, re, types
 from dataclasses import dataclass
 import numpy as np
 from tinygrad import Tensor, dtypes
@@ -22,6 +22,7 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
 GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "BF16": 30}
 # packed types kept as tinylora.quant layers: ggml type -> (bits, bytes per 32-weight block)
 PACKED = {2: (4, 18), 3: (4, 20), 8: (8, 34)}
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 _NATIVE = {0: np.float32, 1: np.float16}
 # GGUF tensor name (after "blk.N.") -> HF module name (after "model.layers.N.")
 LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -193,5 +194,127 @@ def load_gguf(path: str | os.PathLike, dtype: DType | None = None, dequantize: b
   model = Model(ModelConfig.from_hf(config))
   if quantization: prepare_quantized(model, quantization, set(weights))
   assign_weights(model, weights, dtype or dtypes.float16)
-  model.gguf_metadata = {k: v for k, v in kv.items() if k.startswith("tokenizer.")}  # carried into files saved from it
+  # carried into GGUF files saved from this model; a read-only mapping, which tinygrad's state-dict walk skips
+  model.gguf_tokenizer = types.MappingProxyType({k: v for k, v in kv.items() if k.startswith("tokenizer.")})
   return model
+
+# ---------------------------------------------------------------- writing (llama.cpp's `gguf` package, optional extra)
+
+QUANTIZATIONS = {"f32": ("F32", 0), "f16": ("F16", 1), "q8_0": ("Q8_0", 7), "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3)}
+_GGUF_NAMES = {hf: gg for gg, hf in LAYER_NAMES.items()} | {hf: gg for gg, hf in TOP_NAMES.items()}
+
+def _gguf():
+  try: import gguf
+  except ImportError as e: raise ImportError("writing GGUF files needs llama.cpp's 'gguf' package: pip install tinylora[gguf]") from e
+  return gguf
+
+def gguf_name(key: str) -> str:
+  """The GGUF tensor name of an HF state-dict key (model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight)."""
+  module, kind = key.rsplit(".", 1)
+  if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module): return f"blk.{m.group(1)}.{_GGUF_NAMES[m.group(2)]}.{kind}"
+  return f"{_GGUF_NAMES[module]}.{kind}"
+
+def _qk_heads(config, key: str) -> int | None:
+  """The head count llama.cpp permutes a llama Q or K projection's rows with (None for anything else)."""
+  if config.model_type == "qwen2": return None
+  return {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}.get(
+    key.rsplit(".", 1)[0].split(".", 3)[-1])
+
+def write_model(model, path: str | os.PathLike, quantization: str, tokenizer_metadata: dict) -> None:
+  """Writes a merged model as one GGUF file, atomically: 2-D weights in `quantization` (rows that do not divide into
+  32-weight blocks stay float16), norms and biases float32, as llama.cpp's converter writes them."""
+  from tinylora.io import atomic_path
+  from tinylora.quant import QuantizedEmbedding, QuantizedLinear
+  from tinylora.tree import named_modules
+  gguf = _gguf()
+  if quantization not in QUANTIZATIONS:
+    raise LoraError(f"unknown GGUF quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
+  c = model.config
+  if c.rope_scaling: raise LoraError("llama3 RoPE scaling cannot be written to GGUF yet (llama.cpp stores it as rope_freqs)")
+  weights = {}
+  packed = {p: m for p, m, _, _ in named_modules(model) if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+  from tinylora.tree import unique_state_dict
+  for key, t in unique_state_dict(model).items():
+    module, kind = key.rsplit(".", 1)
+    if module in packed:
+      if kind in ("scales", "biases"): continue
+      if kind == "weight": t = packed[module].dequantize(dtypes.float32)
+    weights[key] = t.float().numpy()
+  if c.tie_word_embeddings: weights.pop("lm_head.weight", None)
+  type_name, file_type = QUANTIZATIONS[quantization]
+  arch = "llama" if c.model_type == "mistral" else c.model_type  # llama.cpp runs Mistral as llama
+  with atomic_path(path) as tmp:
+    w = gguf.GGUFWriter(str(tmp), arch)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_block_count(c.num_hidden_layers); w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size); w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads); w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim); w.add_value_length(c.head_dim); w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(c.rope_theta); w.add_layer_norm_rms_eps(c.rms_norm_eps); w.add_vocab_size(c.vocab_size)
+    w.add_file_type(file_type); w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value in tokenizer_metadata.items(): _add_value(w, gguf, key, value)
+    for key, a in weights.items():
+      if (heads := _qk_heads(c, key)) is not None: a = permute_qk(a, heads)
+      kind = getattr(gguf.GGMLQuantizationType, type_name)
+      if a.ndim < 2 or not key.endswith(".weight"): kind = gguf.GGMLQuantizationType.F32
+      elif type_name.startswith("Q") and a.shape[-1] % 32: kind = gguf.GGMLQuantizationType.F16
+      data = gguf.quants.quantize(a.astype(np.float32), kind)
+      w.add_tensor(gguf_name(key), data, raw_dtype=kind if kind not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else None)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+
+def write_adapter(layers: dict, config, path: str | os.PathLike) -> None:
+  """Writes LoRA adapters (dotted path -> Adapter with lora_A (r, in), lora_B (out, r), scale, r) as a llama.cpp
+  LoRA adapter (convert_lora_to_gguf.py's format, loaded with `--lora`): tensors `<gguf name>.lora_a` (r, in) and
+  `.lora_b` (out, r) in float32, llama's Q/K rows permuted on B, and adapter.lora.alpha such that llama.cpp's scale
+  alpha / r equals each layer's scale (folded into B where layers differ in rank or scale)."""
+  from tinylora.io import atomic_path
+  gguf = _gguf()
+  scales, ranks = {l.scale for l in layers.values()}, {l.r for l in layers.values()}
+  alpha = scales.pop() * ranks.pop() if len(scales) == 1 and len(ranks) == 1 else 1.0
+  with atomic_path(path) as tmp:
+    w = gguf.GGUFWriter(str(tmp), "llama" if config.model_type == "mistral" else config.model_type)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    for path_, layer in layers.items():
+      if path_ == "lm_head" and config.tie_word_embeddings:
+        raise LoraError("llama.cpp ignores an adapter on a tied lm_head; save this adapter as PEFT or mlx instead")
+      A, B = layer.lora_A.float().numpy(), layer.lora_B.float().numpy() * (layer.scale * layer.r / alpha)
+      if (heads := _qk_heads(config, f"{path_}.weight")) is not None: B = permute_qk(B, heads)
+      name = gguf_name(f"{path_}.weight")
+      w.add_tensor(f"{name}.lora_a", np.ascontiguousarray(A, np.float32))
+      w.add_tensor(f"{name}.lora_b", np.ascontiguousarray(B, np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+
+def _add_value(w, gguf, key: str, value) -> None:
+  """One metadata value with the GGUF type llama.cpp expects for it (token ids uint32, flags bool, lists typed by item)."""
+  if isinstance(value, bool): w.add_bool(key, value)
+  elif isinstance(value, int): w.add_uint32(key, value)
+  elif isinstance(value, float): w.add_float32(key, value)
+  elif isinstance(value, str): w.add_string(key, value)
+  elif isinstance(value, list) and value:
+    w.add_array(key, value)
+
+def tokenizer_metadata(tokenizer) -> dict:
+  """GGUF `tokenizer.*` metadata for an HFTokenizer: the metadata it was read from, or, for a byte-level BPE
+  tokenizer.json, its vocabulary, merges, token types (special added tokens are control tokens), special token ids,
+  whether bos is added, and the chat template."""
+  if (metadata := getattr(tokenizer, "gguf_metadata", None)) is not None: return dict(metadata)
+  spec = json.loads(tokenizer.tokenizer.to_str())
+  kinds = {spec.get("decoder", {}).get("type"), *(p.get("type") for p in spec.get("pre_tokenizer", {}).get("pretokenizers", []))}
+  if spec["model"]["type"] != "BPE" or not ({"ByteLevel"} & (kinds | {spec.get("pre_tokenizer", {}).get("type")})):
+    raise LoraError("only byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM, GPT-2 style) can be written to GGUF")
+  vocab = tokenizer.tokenizer.get_vocab(with_added_tokens=True)
+  tokens = [f"[PAD{i}]" for i in range(max(vocab.values()) + 1)]
+  for token, i in vocab.items(): tokens[i] = token
+  added = {t["id"]: t["special"] for t in spec.get("added_tokens", [])}
+  types_ = [(CONTROL if added[i] else USER_DEFINED) if i in added else 1 for i in range(len(tokens))]
+  merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+  probe = tokenizer.encode("a", add_special_tokens=True)
+  out = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
+         "tokenizer.ggml.token_type": types_, "tokenizer.ggml.merges": merges,
+         "tokenizer.ggml.add_bos_token": tokenizer.bos_id is not None and probe[:1] == [tokenizer.bos_id]}
+  for key, i in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("padding", tokenizer.pad_id)):
+    if i is not None: out[f"tokenizer.ggml.{key}_token_id"] = i
+  if tokenizer.chat_template: out["tokenizer.chat_template"] = tokenizer.chat_template
+  return out
