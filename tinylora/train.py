@@ -3,10 +3,12 @@ clipping and a non-finite guard, and crash-safe checkpoints that resume on the s
 from __future__ import annotations
 import math, os, pathlib, shutil, time
 from dataclasses import dataclass, asdict
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 import numpy as np
-from tinygrad import Tensor, TinyJit, nn, dtypes
+from tinygrad import Device, Tensor, TinyJit, nn, dtypes
+from tinygrad.device import canonicalize_device
 from tinygrad.helpers import Context, tqdm
+from tinygrad.uop.ops import Ops
 from tinylora.adapter import save_adapter, peft_state, PEFT_WEIGHTS
 from tinylora.data import Example, batch_at, eval_batches
 from tinylora.errors import LoraError
@@ -37,20 +39,45 @@ class TrainConfig:
   grad_clip: float = 1.0
   accum_steps: int = 1
 
+def to_devices(model: Any, devices: str | Sequence[str]) -> Any:
+  """Puts every tensor of `model` in place on one device, or a copy on each of several devices (the replicas of data
+  parallel training); tensors shared between modules (tied weights) stay shared. Returns the model."""
+  target = canonicalize_device(devices)
+  for t in {id(t): t for t in nn.state.get_parameters(model)}.values(): t.to_(target).realize()
+  return model
+
+def _check_devices(devices: str | Sequence[str]) -> tuple[str, ...]:
+  names = (devices,) if isinstance(devices, str) else tuple(devices)
+  if not names or not all(isinstance(d, str) for d in names):
+    raise LoraError(f"devices must be device names such as ('CUDA:0', 'CUDA:1'), found {devices!r}")
+  canonical = tuple(Device.canonicalize(d) for d in names)
+  if len(set(canonical)) != len(canonical): raise LoraError(f"devices {names} name one device twice")
+  for d in canonical:
+    try: Device[d]
+    except Exception as e: raise LoraError(f"device {d!r} of devices {names} cannot be opened: {e}") from e
+  return canonical
+
 class Trainer:
   """Updates only the model's LoRA tensors with AdamW. One optimizer step = `accum_steps` micro-batches:
   `_accumulate` (TinyJit) adds each micro-batch's gradients into buffers and returns (loss, gradient norm);
-  the host checks both are finite (so nothing non-finite is ever written) and `_apply` (TinyJit) clips and steps."""
-  def __init__(self, model: Any, config: TrainConfig, loss_fn: Callable[[Any, Tensor, Tensor, Tensor], Tensor] | None = None):
+  the host checks both are finite (so nothing non-finite is ever written) and `_apply` (TinyJit) clips and steps.
+
+  `devices=("CUDA:0", "CUDA:1", ...)` trains data parallel: the model (frozen base and adapter) is copied onto every
+  device, each micro-batch is split along its batch axis, and tinygrad sums the LoRA gradients across the devices
+  inside the same TinyJit'd step; the update is the one a single device computes for the whole batch."""
+  def __init__(self, model: Any, config: TrainConfig, loss_fn: Callable[[Any, Tensor, Tensor, Tensor], Tensor] | None = None,
+               devices: str | Sequence[str] | None = None):
     self.model, self.config, self.step = model, config, 0
     self.params = trainable_parameters(model)
     if not self.params: raise LoraError("model has no LoRA tensors to train; inject(model, config) first")
+    self.devices = None if devices is None else _check_devices(devices)
+    if self.devices is not None: to_devices(model, self.devices)  # before the optimizer state is made beside the params
     self.loss_fn = loss_fn or (lambda m, tokens, targets, mask: lm_loss(m(tokens), targets, mask))
     self.opt = nn.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
     # real buffers now, so checkpoints can be restored into them before the first step
     self.opt.m, self.opt.v = [[t.contiguous().realize() for t in ts] for ts in (self.opt.m, self.opt.v)]
     self.opt.b1_t, self.opt.b2_t = [t.contiguous().realize().is_param_(False) for t in (self.opt.b1_t, self.opt.b2_t)]
-    self.grads = [Tensor.zeros(*p.shape, dtype=p.dtype).contiguous().realize() for p in self.params]
+    self.grads = [Tensor.zeros(*p.shape, dtype=p.dtype, device=p.device).contiguous().realize() for p in self.params]
     # the steps' CPU matmuls get measured kernel shapes (tinylora/device_policy.py); nothing else does
     self._accumulate, self._apply = TinyJit(cpu_matmul_shapes()(self._accumulate_fn)), TinyJit(cpu_matmul_shapes()(self._apply_fn))
     self._eval = TinyJit(cpu_matmul_shapes()(lambda tokens, targets, mask: self.loss_fn(self.model, tokens, targets, mask).realize()))
@@ -71,6 +98,26 @@ class Trainer:
     self.opt.lr.assign(lr)
     return norm.realize(*self.opt.schedule_step())
 
+  def _put(self, x: Tensor, axis: int | None = None) -> Tensor:
+    """x on the Trainer's devices: split along `axis` across them, or (axis None) a copy on each."""
+    return x if self.devices is None else x.shard(self.devices, axis).realize()
+
+  def _batch(self, tokens: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> tuple[Tensor, ...]:
+    if self.devices is not None and len(tokens) % len(self.devices):
+      raise LoraError(f"a batch of {len(tokens)} sequences does not split evenly across the {len(self.devices)} devices "
+                      f"{self.devices}; use a batch size that is a multiple of {len(self.devices)}")
+    ts = (Tensor(tokens, dtype=dtypes.int32), Tensor(targets, dtype=dtypes.int32), Tensor(mask, dtype=dtypes.float32))
+    self._check_shape(*ts)
+    return tuple(self._put(t, axis=0) for t in ts)
+
+  def cross_device_bytes(self) -> int | None:
+    """Bytes one micro-batch's step copies between devices, all devices together, read from its captured TinyJit graph
+    (None until the second train_step captures it). With data parallel training that is the all-reduce of the LoRA
+    gradients and of the loss's two sums; the frozen base never moves."""
+    if self._accumulate.captured is None: return None
+    calls = self._accumulate.captured._linear.src
+    return sum(math.prod(c.src[1].shape) * c.src[1].dtype.itemsize for c in calls if c.src[0].op is Ops.COPY)
+
   def _check_shape(self, *ts: Tensor):
     shape = tuple(t.shape for t in ts)
     if self.shape is None: self.shape = shape
@@ -83,26 +130,21 @@ class Trainer:
       raise LoraError(f"train_step got {len(batches)} micro-batches, expected accum_steps={self.config.accum_steps}")
     losses = []
     with Context(TRAINING=1):
-      for i, (tokens, targets, mask) in enumerate(batches):
-        ts = (Tensor(tokens, dtype=dtypes.int32), Tensor(targets, dtype=dtypes.int32), Tensor(mask, dtype=dtypes.float32))
-        self._check_shape(*ts)
-        loss, norm = self._accumulate(*ts, Tensor([0.0 if i == 0 else 1.0])).numpy().tolist()
+      for i, batch in enumerate(batches):
+        loss, norm = self._accumulate(*self._batch(*batch), self._put(Tensor([0.0 if i == 0 else 1.0]))).numpy().tolist()
         if not (math.isfinite(loss) and math.isfinite(norm)):
           raise LoraError(f"step {self.step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'} "
                           f"(loss={loss}, grad norm={norm}); no update was applied and nothing was saved")
         losses.append(loss)
       c = self.config
-      grad_norm = self._apply(Tensor([cosine_lr(self.step, c.lr, c.iters, c.warmup, c.min_lr_ratio)])).item()
+      grad_norm = self._apply(self._put(Tensor([cosine_lr(self.step, c.lr, c.iters, c.warmup, c.min_lr_ratio)]))).item()
     self.step += 1
     return sum(losses) / len(losses), grad_norm
 
   def evaluate(self, batches) -> float:
     """Mean loss over batches of (tokens, targets, mask), without dropout and without touching any state."""
     losses = []
-    for tokens, targets, mask in batches:
-      ts = (Tensor(tokens, dtype=dtypes.int32), Tensor(targets, dtype=dtypes.int32), Tensor(mask, dtype=dtypes.float32))
-      self._check_shape(*ts)
-      losses.append(self._eval(*ts).item())
+    for batch in batches: losses.append(self._eval(*self._batch(*batch)).item())
     return sum(losses) / max(1, len(losses))
 
   # ---- checkpoints: <dir>/step_NNNNNN/{adapter files, optimizer.safetensors, trainer_state.json}; <dir>/latest names one
@@ -143,7 +185,7 @@ class Trainer:
       if tuple(arrays[k].shape) != tuple(t.shape):
         raise LoraError(f"{ckpt}: tensor {k!r} has shape {tuple(arrays[k].shape)}, expected {tuple(t.shape)}")
       if not np.isfinite(arrays[k]).all(): raise LoraError(f"{ckpt}: tensor {k!r} holds non-finite values")
-    for k, t in targets.items(): t.assign(Tensor(arrays[k].astype(np.float32), dtype=t.dtype)).realize()
+    for k, t in targets.items(): t.assign(Tensor(arrays[k].astype(np.float32), dtype=t.dtype, device=t.device)).realize()
     self.step = int(state["step"])
     return state
 

@@ -90,8 +90,9 @@ def _rope_scaling(cfg: dict) -> tuple[tuple[str, float], ...]:
   return tuple((k, float(scaling[k])) for k in keys)
 
 @functools.cache
-def _rope_table(head_dim: int, theta: float, scaling: tuple, length: int, device: str) -> tuple[Tensor, Tensor]:
-  """cos and sin of shape (length, head_dim) in HF's rotate_half layout, computed in float32 as transformers does."""
+def _rope_table(head_dim: int, theta: float, scaling: tuple, length: int, device: str | tuple[str, ...]) -> tuple[Tensor, Tensor]:
+  """cos and sin of shape (length, head_dim) in HF's rotate_half layout, computed in float32 as transformers does, on
+  the model's device (a tuple of devices: a copy on each)."""
   inv_freq = (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)).astype(np.float32)
   if scaling:
     s = dict(scaling)
@@ -231,7 +232,7 @@ class Model:
     if end > max_len: raise LoraError(f"positions up to {end} do not fit the KV cache of {max_len}")
     if c.sliding_window is not None and end > c.sliding_window:
       raise LoraError(f"sequence of {end} tokens exceeds sliding_window {c.sliding_window}, which is not implemented")
-    cos, sin = _rope_table(c.head_dim, c.rope_theta, c.rope_scaling, max_len, str(self.model.norm.weight.device))
+    cos, sin = _rope_table(c.head_dim, c.rope_theta, c.rope_scaling, max_len, self.model.norm.weight.device)
     cos, sin = cos[start_pos:start_pos + T].cast(self.dtype), sin[start_pos:start_pos + T].cast(self.dtype)
     x = self.model.embed_tokens(tokens)
     for layer in self.model.layers: x = layer(x, cos, sin, start_pos, cache)
