@@ -3,9 +3,9 @@ clipping and a non-finite guard, and crash-safe checkpoints that resume on the s
 from __future__ import annotations
 import math, os, pathlib, shutil, time
 from dataclasses import dataclass, asdict
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 import numpy as np
-from tinygrad import Device, Tensor, TinyJit, nn, dtypes
+from tinygrad import Device, Tensor, TinyJit, UOp, nn, dtypes
 from tinygrad.device import canonicalize_device
 from tinygrad.helpers import Context, tqdm
 from tinygrad.uop.ops import Ops
@@ -111,12 +111,18 @@ class Trainer:
     return tuple(self._put(t, axis=0) for t in ts)
 
   def cross_device_bytes(self) -> int | None:
-    """Bytes one micro-batch's step copies between devices, all devices together, read from its captured TinyJit graph
-    (None until the second train_step captures it). With data parallel training that is the all-reduce of the LoRA
-    gradients and of the loss's two sums; the frozen base never moves."""
+    """Bytes one micro-batch's step copies between devices, all devices together, read from its captured TinyJit graph,
+    copies batched into device graphs included. With data parallel training that is the all-reduce of the LoRA
+    gradients and of the loss's two sums; the frozen base never moves. None until the second train_step captures the
+    step, and under HCQ2=1, whose compiled command queues do not show their copies."""
+    def calls(linear: UOp) -> Iterator[UOp]:  # in order, repeats kept; a device graph's calls are its LINEAR's
+      for c in linear.src:
+        if c.src[0].op is Ops.CUSTOM_FUNCTION and c.src[0].arg == "graph": yield from calls(c.src[0].src[0])
+        else: yield c
     if self._accumulate.captured is None: return None
-    calls = self._accumulate.captured._linear.src
-    return sum(math.prod(c.src[1].shape) * c.src[1].dtype.itemsize for c in calls if c.src[0].op is Ops.COPY)
+    step = list(calls(self._accumulate.captured._linear))
+    if any(c.src[0].op is Ops.CUSTOM_FUNCTION and c.src[0].arg == "hcq" for c in step): return None
+    return sum(math.prod(c.src[1].shape) * c.src[1].dtype.itemsize for c in step if c.src[0].op is Ops.COPY)
 
   def _check_shape(self, *ts: Tensor):
     shape = tuple(t.shape for t in ts)
