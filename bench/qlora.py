@@ -7,38 +7,28 @@ sizes that fit a memory budget at these bytes per parameter.
 """
 import argparse, json, pathlib, tempfile, time
 import numpy as np
-from tinygrad import Device, GlobalCounters, Tensor, dtypes, nn
-from tinygrad.device import Buffer
+from tinygrad import Device, Tensor, dtypes
 import tinylora as tl
+from tinylora.memory import peak_memory
 from tinylora.models import Model, load_pretrained, save_pretrained
 from tinylora.quant import quantize
+from tinylora.tree import unique_state_dict
 from tinylora.train import Trainer, TrainConfig
 
-def unique_bytes(model) -> int:
-  return sum(t.nbytes() for t in {id(t): t for t in nn.state.get_state_dict(model).values()}.values())
-
 def run(model, args) -> dict:
-  weights = unique_bytes(model)  # already allocated: the peak below adds what training allocates on top
+  # already allocated: the peak below adds what training allocates on top
+  weights = sum(t.nbytes() for t in unique_state_dict(model).values())
   tl.inject(model, tl.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-  trainer = Trainer(model, TrainConfig(lr=1e-3, iters=args.steps))
+  trainer = Trainer(model, TrainConfig(lr=1e-3, iters=args.steps, warmup=0))
   rng = np.random.default_rng(0)
   tok = rng.integers(0, args.vocab, (args.batch, args.seq + 1)).astype(np.int32)
   batch = (tok[:, :-1], tok[:, 1:], np.ones((args.batch, args.seq), np.float32))
-  sizes, allocate, start = [], Buffer.allocate, GlobalCounters.mem_used
-  peak = [start]
-  def tracking(self, *a, **kw):
-    ret = allocate(self, *a, **kw)
-    sizes.append(self.nbytes)
-    peak[0] = max(peak[0], GlobalCounters.mem_used)
-    return ret
-  Buffer.allocate = tracking
-  try:
+  with peak_memory() as memory:
     times = []
     for _ in range(args.steps):
       t = time.perf_counter(); trainer.train_step([batch]); times.append(time.perf_counter() - t)
-  finally: Buffer.allocate = allocate
   steady = float(np.median(times[2:])) if len(times) > 2 else times[-1]
-  return {"weight_bytes": weights, "peak_bytes": peak[0] - start + weights, "largest_step_buffer": max(sizes),
+  return {"weight_bytes": weights, "peak_bytes": memory.added + weights, "largest_step_buffer": memory.largest,
           "tokens_per_s": args.batch * args.seq / steady, "first_step_s": times[0]}
 
 def main():

@@ -22,10 +22,10 @@ START = time.perf_counter()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 from tinygrad import Tensor, TinyJit, GlobalCounters, Device, nn
-from tinygrad.device import Buffer
 from tinygrad.helpers import Context, DEV
 from tinylora import LoraConfig, LoraLinear, inject
 from tinylora.device_policy import base_forward, cpu_matmul_shapes
+from tinylora.memory import peak_memory
 from tinylora.models.llama import Model
 from tinylora.train import Trainer, TrainConfig
 
@@ -138,18 +138,6 @@ def kernel_profile(step) -> tuple[float, list[tuple[str, int, float]]]:
       e[1] += float(m.group(2)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(3)]
   return total, sorted(((k, n, t) for k, (n, t) in by_name.items()), key=lambda e: -e[2])
 
-@contextlib.contextmanager
-def peak_memory():
-  """Yields [high-water mark of GlobalCounters.mem_used, the bytes tinygrad has allocated], kept up to date."""
-  peak, allocate = [GlobalCounters.mem_used], Buffer.allocate
-  def tracked(self, *a, **kw):
-    ret = allocate(self, *a, **kw)
-    peak[0] = max(peak[0], GlobalCounters.mem_used)
-    return ret
-  Buffer.allocate = tracked
-  try: yield peak
-  finally: Buffer.allocate = allocate
-
 def use_autograd_base_backward():
   """The variant measured by --base-backward autograd: frozen linears as plain calls, so tinygrad's autograd derives
   their input gradients instead of tinylora.device_policy.linear."""
@@ -220,7 +208,7 @@ def model_bench(args, with_model: bool, with_torch: bool) -> dict:
   if step:
     step_t = statistics.median(times["tinygrad"])
     m.update(step_s=step_t, step_s_min=min(times["tinygrad"]), tokens_per_s=n / step_t, step_gflops=m["step_gflop"] / step_t,
-             kernel_time_sum_s=kernel_sum, step_vs_kernel_sum=step_t / kernel_sum, peak_mem_mb=peak[0] / 1e6,
+             kernel_time_sum_s=kernel_sum, step_vs_kernel_sum=step_t / kernel_sum, peak_mem_mb=peak.peak / 1e6,
              top_kernels=[dict(name=k, count=c, ms=s * 1e3, share=s / kernel_sum) for k, c, s in kernels[:args.top]])
     res["model"] = m
   if torch_step:

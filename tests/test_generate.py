@@ -55,12 +55,19 @@ def test_sample():
   assert {sample(logits, 1.0, 0.9, rng) for _ in range(200)} == {1, 2}
   assert {sample(logits, 100.0, 1.0, rng) for _ in range(200)} == {0, 1, 2, 3}
 
-def test_lora_model_generates_unmerged():
-  from tinylora import LoraConfig, inject, merge_and_unload
+def test_lora_model_generates_with_its_adapter():
+  from tinylora import LoraConfig, disabled, inject, merge_and_unload
   lora = Model.from_config(CONFIG)
-  inject(lora, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-  out = generate(lora, PROMPT, 4)
-  assert out == generate(merge_and_unload(lora), PROMPT, 4)
+  base = generate(lora, PROMPT, 6)
+  inject(lora, LoraConfig(r=4, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+  out = generate(lora, PROMPT, 6)
+  assert out != base  # the adapter changes what is generated
+  with disabled(lora): assert generate(lora, PROMPT, 6) == base
+  assert out == generate(merge_and_unload(lora), PROMPT, 6)
+
+@pytest.mark.parametrize("max_len", [0, 1])
+def test_decoder_needs_two_positions(model, max_len):
+  with pytest.raises(LoraError, match=f"at least 2 positions, found max_len={max_len}"): Decoder(model, max_len)
 
 @pytest.mark.parametrize("kwargs, match", [
   (dict(tokens=[]), "at least one prompt token"), (dict(max_new_tokens=-1), "max_new_tokens"),

@@ -68,9 +68,38 @@ def test_disabled_gives_base_output(tiny_lm, tokens):
 
 def test_unload_restores_base(tiny_lm, tokens):
   base = tiny_lm(tokens).numpy()
+  weights = {k: t.numpy().copy() for k, t in nn.state.get_state_dict(tiny_lm).items()}
   tl.inject(tiny_lm, LoraConfig(r=4, target_modules=ALL7, init_lora_weights=False))
   tl.unload(tiny_lm)
   np.testing.assert_array_equal(tiny_lm(tokens).numpy(), base)
+  tl.inject(tiny_lm, LoraConfig(r=4, target_modules=ALL7, init_lora_weights=False))
+  tl.merge(tiny_lm)
+  tl.unload(tiny_lm)  # a merged adapter is unmerged first: the base weights come back to float rounding
+  assert not tl.lora_layers(tiny_lm) and isinstance(tiny_lm.model.layers[0].mlp.up_proj, nn.Linear)
+  after = nn.state.get_state_dict(tiny_lm)
+  assert after.keys() == weights.keys()
+  for k, w in weights.items(): np.testing.assert_allclose(after[k].numpy(), w, rtol=0, atol=1e-6, err_msg=k)
+  np.testing.assert_allclose(tiny_lm(tokens).numpy(), base, rtol=1e-5, atol=1e-5)
+
+def test_disabled_restores_the_adapters_when_the_block_raises(tiny_lm, tokens):
+  tl.inject(tiny_lm, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+  layers = tl.lora_layers(tiny_lm)
+  for p in list(layers)[:3]: layers[p].merge()  # some merged, some not
+  merged_weight = layers[next(iter(layers))].base.weight.numpy().copy()
+  out = tiny_lm(tokens).numpy()
+  with pytest.raises(KeyError, match="inside the block"), tl.disabled(tiny_lm):
+    assert not any(l.enabled or l.merged for l in layers.values())
+    raise KeyError("inside the block")
+  assert [l.merged for l in layers.values()] == [True] * 3 + [False] * 3 and all(l.enabled for l in layers.values())
+  np.testing.assert_allclose(layers[next(iter(layers))].base.weight.numpy(), merged_weight, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(tiny_lm(tokens).numpy(), out, rtol=1e-5, atol=1e-5)
+
+def test_saving_a_hand_built_lora_linear_names_it(tiny_lm, tmp_path):
+  attn = tiny_lm.model.layers[0].self_attn
+  attn.q_proj = tl.LoraLinear(attn.q_proj, r=2, scale=1.0)  # placed by hand, not by inject: no LoraConfig to record
+  with pytest.raises(LoraError, match=r"model\.layers\.0\.self_attn\.q_proj holds a LoraLinear built by hand.*inject"):
+    tl.save_adapter(tiny_lm, tmp_path)
+  assert not any(tmp_path.iterdir())
 
 def test_merge_refuses_non_finite(tiny_lm, tokens):
   tl.inject(tiny_lm, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
@@ -137,14 +166,19 @@ def test_second_injection_is_refused(tiny_lm):
   with pytest.raises(LoraError, match="already has an adapter named 'default'"): tl.inject(tiny_lm, LoraConfig(target_modules=["v_proj"]))
   assert len(tl.lora_layers(tiny_lm)) == 3
 
-def test_dropout_only_in_training():
+def test_dropout_scales_the_lora_input_only_in_training():
+  """With A = B = I (r = in = out) and scale 1 the adapter adds dropout(x) itself: y - base(x) must be 0 or x / (1 - p)
+  in each element (inverted dropout), about half of each at p = 0.5, and the base path must not be dropped at all."""
   Tensor.manual_seed(3)
-  layer = tl.LoraLinear(nn.Linear(64, 64), r=4, scale=1.0, dropout=0.5, init=False)
-  x = Tensor.ones(8, 64).contiguous().realize()
-  a, b = layer(x).numpy(), layer(x).numpy()
-  np.testing.assert_array_equal(a, b)
-  with Context(TRAINING=1): c = layer(x).numpy()
-  assert np.abs(c - a).max() > 1e-3
+  lin, eye = nn.Linear(64, 64), Tensor.eye(64)
+  layer = tl.LoraLinear(lin, r=64, scale=1.0, dropout=0.5, weights=(eye, eye))
+  x = (Tensor.rand(8, 64) + 0.5).contiguous().realize()
+  base, xn = lin(x).numpy(), x.numpy()
+  np.testing.assert_allclose(layer(x).numpy() - base, xn, rtol=1e-5, atol=1e-5)  # outside training: no dropout
+  with Context(TRAINING=1): delta = layer(x).numpy() - base
+  kept = np.abs(delta - 2 * xn) < 1e-4
+  assert (kept | (np.abs(delta) < 1e-4)).all()  # each element dropped (0) or kept and scaled by 1 / (1 - 0.5)
+  assert 0.35 < kept.mean() < 0.65
 
 def kernels(*outs: Tensor) -> int:
   GlobalCounters.reset()

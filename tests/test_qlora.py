@@ -1,9 +1,9 @@
-import warnings
+import re, warnings
 import numpy as np, pytest
 from tinygrad import Tensor, GlobalCounters, nn, dtypes
 import tinylora as tl
 from tinylora import LoraConfig, LoraError
-from tinylora.quant import QuantizedLinear, dequantize_array, quantize
+from tinylora.quant import QuantizedLinear, dequantize_array, quantize, quantize_array, unpack_array
 from tinylora.train import Trainer, TrainConfig
 from conftest import TinyLM
 
@@ -62,14 +62,27 @@ def test_merge_and_unload_on_quantized_base(tokens):
 
 def test_requantize_after_merge_reports_the_lost_update():
   m = quantized_lm()
-  tl.inject(m, LoraConfig(r=4, target_modules=["q_proj"]))
-  for layer in tl.lora_layers(m).values():  # a small update, as after a short fine-tune
-    layer.lora_B.assign(Tensor.full(layer.lora_B.shape, 1e-3)).realize()
+  tl.inject(m, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+  ratios = {}
+  for i, (p, layer) in enumerate(tl.lora_layers(m).items()):  # small updates, as after a short fine-tune, of three sizes
+    layer.lora_B.assign(layer.lora_B * 10.0 ** (i - 2)).realize()
+    q, A, B = layer.base, layer.lora_A.numpy(), layer.lora_B.numpy()
+    # numpy reference: the fused weight in float16, quantized again as mlx does, dequantized in float32
+    delta = layer.scale * B.astype(np.float64) @ A
+    fused = (dequantize_array(q.weight.numpy(), q.scales.numpy(), q.biases.numpy(), 4, 32) + delta).astype(np.float16)
+    wq, scales, biases = quantize_array(fused, 4, 32)
+    again = (unpack_array(wq, 4).astype(np.float32).reshape(*scales.shape, 32) * scales[..., None].astype(np.float32)
+             + biases[..., None].astype(np.float32)).reshape(fused.shape)
+    ratios[p] = np.linalg.norm(again - fused.astype(np.float32)) / np.linalg.norm(delta)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     tl.merge_and_unload(m, requantize=True)
   assert isinstance(m.model.layers[0].self_attn.q_proj, QuantizedLinear)
-  assert any("rounding error / adapter update" in str(w.message) for w in caught)
+  text = next(str(w.message) for w in caught if "rounding error / adapter update" in str(w.message))
+  average, worst, path = re.search(r"= ([\d.]+) on average, ([\d.]+) at worst \((\S+)\)", text).groups()
+  assert float(average) == pytest.approx(np.mean(list(ratios.values())), abs=0.006)
+  assert float(worst) == pytest.approx(max(ratios.values()), abs=0.006) and path == max(ratios, key=ratios.get)
+  assert max(ratios.values()) > 1 > min(ratios.values())  # one update lost in the 4-bit steps, one kept
 
 def test_adapter_round_trip_on_quantized_model(tmp_path, tokens):
   m = quantized_lm()

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from tinygrad import Tensor, dtypes, nn, GlobalCounters
-from tinygrad.device import Buffer
 from tinygrad.nn.state import get_state_dict, load_state_dict
 from tinylora.errors import LoraError
+from tinylora.memory import peak_memory
 from tinylora.quant import (BITS, GROUP_SIZES, QuantizedEmbedding, QuantizedLinear, _unpack, dequantize_array, linear_shape,
                             pack_array, prepare_quantized, quantize, quantize_array, unpack_array)
 
@@ -102,17 +102,10 @@ def test_gradient_flows_to_x_and_adapters_not_to_packed_weight():
 
 def _realize_counting(*outs: Tensor) -> tuple[int, int]:
   """(kernels run, peak bytes allocated above the starting point) while realizing `outs`."""
-  start, peak, allocate = GlobalCounters.mem_used, [GlobalCounters.mem_used], Buffer.allocate
-  def tracking(self, *args, **kwargs):
-    ret = allocate(self, *args, **kwargs)
-    peak[0] = max(peak[0], GlobalCounters.mem_used)
-    return ret
-  Buffer.allocate = tracking
-  try:
+  with peak_memory() as memory:
     GlobalCounters.reset()
     Tensor.realize(*outs)
-  finally: Buffer.allocate = allocate
-  return GlobalCounters.kernel_count, peak[0] - start
+  return GlobalCounters.kernel_count, memory.added
 
 @pytest.mark.parametrize("bits", [4, 8, 3])
 def test_dequantization_fuses_into_the_matmul(bits):

@@ -3,11 +3,12 @@ from deep inside, a silently wrong model or a lost checkpoint."""
 import json, math, os, pathlib, random, select, signal, subprocess, sys, time
 import numpy as np, pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
+import safetensors.numpy as safetensors_numpy
 from tinygrad import Tensor, nn
 import tinylora as tl
 from tinylora import LoraConfig, LoraError
 from tinylora.adapter import config_from_peft, detect_format, peft_config_dict
-from tinylora.io import read_json, read_safetensors
+from tinylora.io import DIGEST, read_json, read_safetensors
 from tinylora.train import Trainer, TrainConfig
 from conftest import Block, Inner, TinyLM
 
@@ -221,6 +222,44 @@ def test_any_config_is_accepted_or_raises_lora_error(kwargs):
   saved = json.loads(json.dumps(peft_config_dict(config, dict.fromkeys(PATHS)), allow_nan=False))
   if config.target_modules != "all-linear": assert config_from_peft(saved, "adapter_config.json") == config
 
+# Valid configs drawn on purpose, with what each name, regex and pattern key applies to among PATHS written out by hand
+# (the expectations come from this table, not from tinylora's matching code).
+Q0, V0, D0, Q2, V2, D2, HEAD = PATHS
+APPLIES = {"q_proj": {Q0, Q2}, "v_proj": {V0, V2}, "down_proj": {D0, D2}, "mlp.down_proj": {D0, D2},
+           "self_attn.q_proj": {Q0, Q2}, "k_proj": set(), "gate_proj": set(), r"layers\.2\.self_attn\.q_proj": {Q2},
+           "all-linear": {Q0, V0, D0, Q2, V2, D2}, r".*\.(q|v)_proj": {Q0, V0, Q2, V2},
+           r"model\.layers\.[02]\..*": {Q0, V0, D0, Q2, V2, D2}, r"lm_head|.*down_proj": {D0, D2, HEAD}}
+NAME_KEYS = ["q_proj", "v_proj", "down_proj", "mlp.down_proj", "self_attn.q_proj", "k_proj", "gate_proj"]
+PATTERN_KEYS = ["q_proj", "v_proj", "down_proj", "mlp.down_proj", r"layers\.2\.self_attn\.q_proj"]
+VALID = st.fixed_dictionaries({}, optional={
+  "r": st.integers(1, 64), "lora_alpha": st.integers(1, 128) | st.floats(0.01, 1e4), "lora_dropout": st.floats(0, 0.99),
+  "target_modules": st.lists(st.sampled_from(NAME_KEYS), min_size=1, max_size=4, unique=True) |
+                    st.sampled_from(["all-linear", r".*\.(q|v)_proj", r"model\.layers\.[02]\..*", r"lm_head|.*down_proj"]),
+  "use_rslora": st.booleans(), "layers_to_transform": st.none() | st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True),
+  "init_lora_weights": st.sampled_from([True, False, "gaussian"]), "use_dora": st.booleans(),
+  "rank_pattern": st.dictionaries(st.sampled_from(PATTERN_KEYS), st.integers(1, 32), max_size=3),
+  "alpha_pattern": st.dictionaries(st.sampled_from(PATTERN_KEYS), st.floats(0.01, 1e3), max_size=3)})
+
+@settings(max_examples=300, deadline=None)
+@given(VALID)
+def test_valid_configs_match_scale_and_round_trip(kwargs):
+  config, c = LoraConfig(**kwargs), LoraConfig()  # c: the defaults, for fields not drawn
+  def get(field): return kwargs.get(field, getattr(c, field))
+  targets, layers = get("target_modules"), get("layers_to_transform")
+  hit = APPLIES[targets] if isinstance(targets, str) else set().union(*(APPLIES[t] for t in targets))
+  if layers is not None: hit = {p for p in hit if p != HEAD and int(p.split(".")[2]) in layers}
+  assert {p for p in PATHS if config.matches(p)} == hit
+  for p in hit:  # the first pattern key (in the dict's order) that applies to p wins, as in PEFT
+    r = next((v for k, v in get("rank_pattern").items() if p in APPLIES[k]), get("r"))
+    alpha = next((v for k, v in get("alpha_pattern").items() if p in APPLIES[k]), get("lora_alpha"))
+    assert config.rank(p) == r
+    assert config.scale(p) == pytest.approx(alpha / (math.sqrt(r) if get("use_rslora") else r), rel=1e-12)
+  if not hit: return  # an adapter on no linear is refused by inject, so it is never saved
+  saved = json.loads(json.dumps(peft_config_dict(config, dict.fromkeys(hit)), allow_nan=False))
+  back = config_from_peft(saved, "adapter_config.json")
+  if targets != "all-linear": assert back == config
+  else: assert {p for p in PATHS if back.matches(p)} == hit and saved["target_modules"] == sorted(hit)
+
 class Base:
   """A model shared by many examples: each must leave it as it was."""
   def __init__(self):
@@ -255,12 +294,29 @@ def adapter_files(tmp_path_factory) -> dict[str, dict[str, bytes]]:
   for fmt in WEIGHTS: tl.save_adapter(model, folder / fmt, format=fmt)
   return {fmt: {p.name: p.read_bytes() for p in (folder / fmt).iterdir()} for fmt in WEIGHTS}
 
-def load_or_refuse(base: Base, folder: pathlib.Path):
-  """load_adapter either refuses with LoraError/OSError and leaves the model alone, or loads finite tensors."""
+@pytest.fixture(scope="module")
+def saved_layers(adapter_files, tmp_path_factory) -> dict[str, dict]:
+  """format -> path -> (scale, A, B) that the undamaged files load as."""
+  model, out = tree_only(), {}
+  for fmt, files in adapter_files.items():
+    folder = tmp_path_factory.mktemp(fmt)
+    write_adapter(folder, files)
+    out[fmt] = {p: (l.scale, l.lora_A.numpy(), l.lora_B.numpy()) for p, l in tl.lora_layers(tl.load_adapter(model, folder)).items()}
+    tl.unload(model)
+  return out
+
+def load_or_refuse(base: Base, folder: pathlib.Path, saved: dict):
+  """load_adapter either refuses with LoraError/OSError and leaves the model alone, or loads exactly what was saved:
+  tinylora's files carry a SHA-256 of their tensors and of the config, so no damage can load as other numbers."""
   try: layers = tl.lora_layers(tl.load_adapter(base.model, folder))
   except (LoraError, OSError): layers = {}
-  assert all(math.isfinite(l.scale) and np.isfinite(t.numpy()).all() for l in layers.values() for t in (l.lora_A, l.lora_B))
-  tl.unload(base.model)
+  try:
+    if layers: assert list(layers) == list(saved)
+    for p, l in layers.items():
+      assert l.scale == saved[p][0]
+      np.testing.assert_array_equal(l.lora_A.numpy(), saved[p][1])
+      np.testing.assert_array_equal(l.lora_B.numpy(), saved[p][2])
+  finally: tl.unload(base.model)
   base.assert_untouched()
 
 def write_adapter(folder: pathlib.Path, files: dict[str, bytes | None]):
@@ -297,7 +353,7 @@ def damaged(draw, data: bytes) -> bytes | None:
     return data[:i] + draw(st.binary(min_size=1, max_size=16)) + data[min(n, i + draw(st.integers(0, 16))):]
   return draw(st.binary(max_size=64)) if kind == "random" else None
 
-def test_damaged_files_are_refused_and_leave_the_model_alone(base, adapter_files, tmp_path):
+def test_damaged_files_are_refused_and_leave_the_model_alone(base, adapter_files, saved_layers, tmp_path):
   @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
   @given(fmt=st.sampled_from(sorted(WEIGHTS)), which=st.sampled_from(["weights", "config"]), data=st.data())
   def check(fmt: str, which: str, data):
@@ -305,7 +361,7 @@ def test_damaged_files_are_refused_and_leave_the_model_alone(base, adapter_files
     name = WEIGHTS[fmt] if which == "weights" else "adapter_config.json"
     files[name] = data.draw(damaged(files[name]), label=name)
     write_adapter(tmp_path / fmt, files)
-    load_or_refuse(base, tmp_path / fmt)
+    load_or_refuse(base, tmp_path / fmt, saved_layers[fmt])
   check()
   base.assert_unchanged()
 
@@ -317,7 +373,7 @@ JSON = st.recursive(
 CONFIG_KEYS = ["r", "lora_alpha", "target_modules", "layers_to_transform", "rank_pattern", "alpha_pattern", "peft_type",
                "use_dora", "layers_pattern", "lora_parameters", "num_layers", "fine_tune_type"]
 
-def test_hostile_json_values_are_refused_with_lora_error(base, adapter_files, tmp_path):
+def test_hostile_json_values_are_refused_with_lora_error(base, adapter_files, saved_layers, tmp_path):
   """Well-formed files holding values of the wrong type or range: in any config field, any safetensors header field."""
   @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
   @given(fmt=st.sampled_from(sorted(WEIGHTS)), which=st.sampled_from(["config", "header"]), value=JSON, data=st.data())
@@ -335,7 +391,7 @@ def test_hostile_json_values_are_refused_with_lora_error(base, adapter_files, tm
     if which == "config": files = with_config(files, edit_config)
     else: files = files | {WEIGHTS[fmt]: header_edit(files[WEIGHTS[fmt]], edit_header)}
     write_adapter(tmp_path / fmt, files)
-    load_or_refuse(base, tmp_path / fmt)
+    load_or_refuse(base, tmp_path / fmt, saved_layers[fmt])
   check()
   base.assert_unchanged()
 
@@ -405,21 +461,44 @@ QA = f"base_model.model.{Q}.lora_A.weight"
   (lambda h: h.update({"__metadata__": [1]}), r"__metadata__ is not an object"),
 ], ids=["dtype list", "negative dims", "2**80 elements in 0 bytes", "int dtype", "metadata list"])
 def test_safetensors_header_errors_name_the_tensor(base, adapter_files, tmp_path, edit, message):
+  def by_another_tool(header: dict):  # which keeps no SHA-256 of tinylora's (that would refuse any edit first)
+    header["__metadata__"].pop(DIGEST)
+    edit(header)
   files = adapter_files["peft"]
-  write_adapter(tmp_path, files | {WEIGHTS["peft"]: header_edit(files[WEIGHTS["peft"]], edit)})
+  write_adapter(tmp_path, files | {WEIGHTS["peft"]: header_edit(files[WEIGHTS["peft"]], by_another_tool)})
   with pytest.raises(LoraError, match=rf"adapter_model\.safetensors: .*{message}"): tl.load_adapter(base.model, tmp_path)
   base.assert_untouched()
+
+def as_other_tool(raw: bytes, edit=lambda tensors: None) -> bytes:
+  """A weights file as another tool writes it, after `edit(tensors)`: through the safetensors library, with the same
+  metadata but without tinylora's SHA-256 of the tensors."""
+  tensors, metadata = safetensors_numpy.load(raw), json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+  edit(tensors)
+  return safetensors_numpy.save(tensors, {k: v for k, v in metadata.items() if k != DIGEST})
 
 @pytest.mark.parametrize("fmt", sorted(WEIGHTS))
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_non_finite_tensors_are_refused(base, adapter_files, tmp_path, fmt, value):
-  raw = adapter_files[fmt][WEIGHTS[fmt]]
-  data = bytearray(raw)
-  data[-4:] = np.float32(value).tobytes()  # the last element of the last tensor
-  write_adapter(tmp_path, adapter_files[fmt] | {WEIGHTS[fmt]: bytes(data)})
+  def poison(tensors): tensors[max(tensors)].flat[-1] = value
+  write_adapter(tmp_path, adapter_files[fmt] | {WEIGHTS[fmt]: as_other_tool(adapter_files[fmt][WEIGHTS[fmt]], poison)})
   with pytest.raises(LoraError, match=rf"{WEIGHTS[fmt]}: tensor '.*{V}.*' holds non-finite values"):
     tl.load_adapter(base.model, tmp_path)
   base.assert_untouched()
+
+@pytest.mark.parametrize("fmt", sorted(WEIGHTS))
+def test_a_flipped_bit_in_a_tensor_is_caught_in_files_tinylora_wrote(base, adapter_files, saved_layers, tmp_path, fmt):
+  def flip(raw: bytes) -> bytes:  # bit 0 of the last byte: an exponent bit of the last element, which stays finite
+    return raw[:-1] + bytes([raw[-1] ^ 1])
+  write_adapter(tmp_path, adapter_files[fmt] | {WEIGHTS[fmt]: flip(adapter_files[fmt][WEIGHTS[fmt]])})
+  with pytest.raises(LoraError, match=rf"{WEIGHTS[fmt]}: its tensors do not match the SHA-256 tinylora saved"):
+    tl.load_adapter(base.model, tmp_path)
+  base.assert_untouched()
+  # a file from another tool has no SHA-256 (safetensors itself keeps none): the same flip loads, as other numbers
+  write_adapter(tmp_path, adapter_files[fmt] | {WEIGHTS[fmt]: flip(as_other_tool(adapter_files[fmt][WEIGHTS[fmt]]))})
+  try:
+    got, saved = tl.lora_layers(tl.load_adapter(base.model, tmp_path))[V].lora_B.numpy(), saved_layers[fmt][V][2]
+    assert (got != saved).sum() == 1 and got[-1, -1] / saved[-1, -1] in (4.0, 0.25)  # B[-1, -1] ends both files
+  finally: tl.unload(base.model)
 
 @pytest.mark.parametrize("fmt", sorted(WEIGHTS))
 @pytest.mark.parametrize("where", ["empty", "in length", "in header", "at header end", "in body", "last byte"])

@@ -2,6 +2,7 @@
 import json, sys
 import pytest
 from hypothesis import given, strategies as st
+from tinylora.data import encode_example, make_batch
 from tinylora.errors import LoraError
 from tinylora.tokenizer import ByteTokenizer, load_tokenizer
 
@@ -83,3 +84,33 @@ def test_hf_tokenizer_without_chat_template(hf_dir):
   tok = load_tokenizer(hf_dir)
   assert tok.bos_id is None and tok.eos_id == 2 and tok.pad_id == 0
   with pytest.raises(LoraError, match="no chat_template"): tok.apply_chat_template(MESSAGES)
+
+def test_chat_prompt_masking_with_a_bpe_tokenizer(hf_dir):
+  """The generation prompt ends in a space that BPE would merge into the reply's first word: the example is the
+  prompt's tokens then the reply's (as generation sees them), and exactly the prompt's tokens are masked."""
+  tok = load_tokenizer(hf_dir)
+  chat = MESSAGES + [{"role": "assistant", "content": "brown fox"}]
+  prompt_text = tok.apply_chat_template(MESSAGES, add_generation_prompt=True)
+  full_text = tok.apply_chat_template(chat)
+  assert full_text.startswith(prompt_text) and prompt_text.endswith(" ")
+  prompt, whole = tok.encode(prompt_text), tok.encode(full_text)
+  assert whole[:len(prompt)] != prompt  # tokenized whole, the prompt's last token would not be the prompt's
+  tokens, n = encode_example({"messages": chat}, tok)
+  assert n == len(prompt) and tokens[:n] == prompt
+  assert tok.decode(tokens[n:]) == "brown fox</s>\n"
+  _, targets, mask = make_batch([(tokens, n)], len(tokens) - 1)
+  assert tok.decode(targets[0][mask[0] == 1].tolist()) == "brown fox</s>\n"  # the loss sees the reply, nothing else
+  assert encode_example({"messages": chat}, tok, mask_prompt=False) == (whole, 0)
+
+def test_chat_template_whose_conversation_does_not_start_with_its_prompt(hf_dir):
+  """A template may render past turns differently from the prompt (e.g. dropping reasoning): the conversation is then
+  tokenized whole and the prompt is the tokens the two renderings share."""
+  config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+  config["chat_template"] = CHAT_TEMPLATE.replace("{% if add_generation_prompt %}[assistant] {% endif %}",
+                                                  "{% if add_generation_prompt %}[assistant]: {% endif %}")
+  (hf_dir / "tokenizer_config.json").write_text(json.dumps(config))
+  tok = load_tokenizer(hf_dir)
+  chat = MESSAGES + [{"role": "assistant", "content": "hello"}]
+  whole, prompt = tok.encode(tok.apply_chat_template(chat)), tok.encode(tok.apply_chat_template(MESSAGES, add_generation_prompt=True))
+  tokens, n = encode_example({"messages": chat}, tok)
+  assert tokens == whole and tokens[:n] == prompt[:n] and n < len(prompt) and tokens[n] != prompt[n]

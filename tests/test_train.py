@@ -1,9 +1,10 @@
+import math
 import numpy as np, pytest
 from tinygrad import Tensor, nn
 import tinylora as tl
 from tinylora import LoraConfig, LoraError
-from tinylora.data import batch_at, encode_example, make_batch
-from tinylora.train import Trainer, TrainConfig, cosine_lr, lm_loss
+from tinylora.data import batch_at, encode_example, eval_batches, load_dataset, make_batch
+from tinylora.train import Trainer, TrainConfig, cosine_lr, fit, lm_loss
 from conftest import TinyLM
 
 def model(seed=0):
@@ -84,12 +85,44 @@ def test_gradient_accumulation_matches_a_big_batch():
   for a, b in zip(tl.trainable_parameters(m1), tl.trainable_parameters(m2)):
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
 
-def test_gradient_clipping_bounds_the_update():
+def reference_gradients(batches) -> list[np.ndarray]:
+  """The mean gradient of the LoRA tensors over micro-batches, from a fresh copy of `model()` outside the Trainer."""
   m = model()
-  tr = Trainer(m, TrainConfig(lr=1.0, iters=1, warmup=0, grad_clip=1e-3))
-  _, norm = tr.train_step([batch_at(pattern_data(), 0, 8, 12)])
-  assert norm > 1e-3  # reported norm is before clipping; the step itself used the clipped gradient
-  assert all(np.isfinite(p.numpy()).all() for p in tl.trainable_parameters(m))
+  grads = [[g.numpy().astype(np.float64) for g in lm_loss(m(Tensor(t)), Tensor(y), Tensor(k)).gradient(*tl.trainable_parameters(m))]
+           for t, y, k in batches]
+  return [sum(gs) / len(batches) for gs in zip(*grads)]
+
+@pytest.mark.parametrize("grad_clip, accum", [(1e-3, 1), (1e-3, 2), (0.0, 1), (1e3, 2)],
+                         ids=["clipped", "clipped, 2 micro-batches", "no clipping", "under the limit"])
+def test_clipping_reaches_the_optimizer(grad_clip, accum):
+  """After one step AdamW's first moment is (1 - b1) x the gradient it was given: the mean gradient scaled by
+  min(1, grad_clip / norm). (The step itself cannot show clipping: Adam's first update ignores the gradient's scale.)"""
+  big = batch_at(pattern_data(), 0, 8, 12)
+  batches = [big] if accum == 1 else [tuple(x[:4] for x in big), tuple(x[4:] for x in big)]
+  tr = Trainer(model(), TrainConfig(lr=1e-2, iters=1, warmup=0, grad_clip=grad_clip, accum_steps=accum))
+  _, norm = tr.train_step(batches)
+  g = reference_gradients(batches)
+  ref_norm = math.sqrt(sum((x ** 2).sum() for x in g))
+  assert norm == pytest.approx(ref_norm, rel=1e-4)  # reported before clipping
+  coef = min(1.0, grad_clip / (ref_norm + 1e-6)) if grad_clip > 0 else 1.0
+  assert (coef < 1e-2) == (grad_clip == 1e-3)
+  for m, gi in zip(tr.opt.m, g): np.testing.assert_allclose(m.numpy(), (1 - tr.opt.b1) * coef * gi, rtol=1e-3, atol=1e-9)
+
+def test_the_learning_rate_schedule_reaches_the_jitted_step():
+  """The rate each replayed step applied, read back from the update AdamW made (p_new = p - lr * m_hat / (sqrt(v_hat)
+  + eps) without weight decay), follows cosine_lr through warmup and decay: a rate frozen into the TinyJit fails."""
+  c = TrainConfig(lr=1e-2, iters=8, warmup=3, min_lr_ratio=0.2, weight_decay=0.0)
+  tr, data = Trainer(model(), c), pattern_data()
+  for step in range(c.iters):
+    before = [p.numpy().astype(np.float64) for p in tr.params]
+    tr.train_step([batch_at(data, step, 8, 12)])
+    b1_t, b2_t = tr.opt.b1_t.numpy().item(), tr.opt.b2_t.numpy().item()
+    rates = []
+    for p, b, m, v in zip(tr.params, before, tr.opt.m, tr.opt.v):
+      u = (m.numpy() / (1 - b1_t)) / (np.sqrt(v.numpy() / (1 - b2_t)) + tr.opt.eps)
+      big = np.abs(u) > 0.1  # elements whose update is large against float32 rounding of p
+      rates.append((b - p.numpy())[big] / u[big])
+    assert np.median(np.concatenate(rates)) == pytest.approx(cosine_lr(step, c.lr, c.iters, c.warmup, c.min_lr_ratio), rel=1e-3)
 
 def test_resume_continues_the_same_trajectory(tmp_path):
   data, cfg = pattern_data(), TrainConfig(lr=1e-2, iters=8, warmup=2)
@@ -116,6 +149,66 @@ def test_non_finite_loss_stops_before_any_update():
   for p, b in zip(tl.trainable_parameters(m), before): np.testing.assert_array_equal(p.numpy(), b)
 
 def test_shape_change_is_refused():
-  tr = Trainer(model(), TrainConfig(iters=2))
+  tr = Trainer(model(), TrainConfig(iters=2, warmup=0))
   tr.train_step([batch_at(pattern_data(), 0, 8, 12)])
   with pytest.raises(LoraError, match="batch shapes changed"): tr.train_step([batch_at(pattern_data(), 1, 8, 10)])
+
+@pytest.mark.parametrize("kwargs, field", [
+  (dict(accum_steps=0), "accum_steps"), (dict(accum_steps=1.5), "accum_steps"), (dict(lr=-1e-3), "lr"), (dict(lr=0), "lr"),
+  (dict(lr=float("nan")), "lr"), (dict(lr=10**400), "lr"), (dict(iters=0), "iters"), (dict(iters=True), "iters"),
+  (dict(warmup=-1), "warmup"), (dict(iters=10, warmup=11), "warmup"), (dict(min_lr_ratio=1.5), "min_lr_ratio"),
+  (dict(weight_decay=-0.1), "weight_decay"), (dict(grad_clip=-1), "grad_clip"), (dict(grad_clip=float("inf")), "grad_clip")])
+def test_train_config_errors(kwargs, field):
+  with pytest.raises(LoraError, match=rf"TrainConfig\.{field} = .*: expected"): TrainConfig(**kwargs)
+
+def test_train_config_edges_are_accepted():
+  TrainConfig(iters=1, warmup=1, min_lr_ratio=0.0, grad_clip=0.0, weight_decay=0.0)
+  TrainConfig(iters=5, warmup=0, min_lr_ratio=1.0, lr=1)
+
+def test_fit_end_to_end(tmp_path):
+  """History, validation cadence, checkpoint cadence and pruning, and a resumed fit that runs only the missing steps."""
+  data, valid = pattern_data(24), pattern_data(6, seed=1)
+  c = TrainConfig(lr=3e-2, iters=7, warmup=2)
+  tr = Trainer(model(), c)
+  history = fit(tr, data, valid, batch_size=4, seq_len=12, val_every=3, val_batches=2, checkpoint_dir=tmp_path,
+                save_every=2, keep=2, progress=False)
+  assert [h["step"] for h in history] == list(range(1, 8)) and tr.step == 7
+  assert [h["step"] for h in history if "val_loss" in h] == [3, 6, 7]  # every 3 steps and at the end
+  assert [h["lr"] for h in history] == [cosine_lr(s, c.lr, c.iters, c.warmup, c.min_lr_ratio) for s in range(7)]
+  assert all(math.isfinite(h["loss"]) and h["grad_norm"] > 0 and h["tokens_per_s"] > 0 for h in history)
+  assert "first_step_s" in history[0]
+  valid_b = eval_batches(valid, 4, 12, max_batches=2)
+  assert history[-1]["val_loss"] == pytest.approx(tr.evaluate(valid_b), rel=1e-6)
+  assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000006", "step_000007"]  # 2, 4, 6, 7 written; 2 kept
+  resumed = Trainer(model(), c)
+  assert resumed.load_checkpoint(tmp_path)["step"] == 7
+  assert fit(resumed, data, valid, 4, 12, checkpoint_dir=tmp_path, progress=False) == []
+  with pytest.raises(LoraError, match="keep = 0"): tr.save_checkpoint(tmp_path, keep=0)
+
+def test_eval_batches_cover_the_examples_in_order():
+  examples = [([i, i + 1, i + 2], 2) for i in range(5)]
+  batches = eval_batches(examples, batch_size=2, seq_len=4, pad_id=9)
+  assert len(batches) == 3 and all(b[0].shape == (2, 4) for b in batches)
+  assert [int(t) for b in batches for t in b[0][:, 0]] == [0, 1, 2, 3, 4, 9]  # in order; the last row is padding
+  tokens, targets, mask = batches[-1]
+  assert mask[1].sum() == 0 and tokens[1].tolist() == [9, 9, 9, 9]  # the filler row counts for nothing
+  assert mask[0].tolist() == [0, 1, 0, 0] and targets[0, :2].tolist() == [5, 6]  # only token 6 follows the 2-token prompt
+  assert len(eval_batches(examples, 2, 4, max_batches=2)) == 2
+
+@pytest.mark.parametrize("call, message", [
+  (lambda: batch_at([], 0, 2, 8), "no examples"), (lambda: batch_at(pattern_data(), 0, 0, 8), "batch_size must be"),
+  (lambda: eval_batches(pattern_data(), 2, 0), "seq_len must be"), (lambda: make_batch([([1, 2], 0)], -1), "seq_len must be"),
+  (lambda: encode_example({"text": None}, Tok()), "'text' must be a string"),
+  (lambda: encode_example({"prompt": 1, "completion": "x"}, Tok()), "'prompt' must be a string"),
+  (lambda: encode_example({"messages": []}, Tok()), "'messages' must be a non-empty list"),
+], ids=["no examples", "batch 0", "seq_len 0", "seq_len -1", "text None", "prompt int", "no messages"])
+def test_data_errors(call, message):
+  with pytest.raises(LoraError, match=message): call()
+
+@pytest.mark.parametrize("content, message", [
+  (b"\xff\xfe{}", "not UTF-8"), (b'{"text": "a"}\n{"text": ', ":2: invalid JSON"), (b'["a"]', ":1: expected a JSON object"),
+  (b"\n  \n", "no examples"), (b'{"text": ""}', "example 1: 1 token"), (b'{"text": "ok"}\n{"x": 1}', "example 2: unknown example format"),
+], ids=["not utf-8", "bad line", "array", "empty", "too short", "unknown format"])
+def test_dataset_file_errors(tmp_path, content, message):
+  (tmp_path / "train.jsonl").write_bytes(content)
+  with pytest.raises(LoraError, match=rf"train\.jsonl.*{message}"): load_dataset(tmp_path / "train.jsonl", Tok())

@@ -7,7 +7,7 @@ import numpy as np
 from tinygrad import Tensor
 from tinylora.config import ALL_LINEAR, LoraConfig, layer_index
 from tinylora.errors import LoraError
-from tinylora.io import read_json, read_safetensors, write_json, write_safetensors
+from tinylora.io import check_arrays, read_json, read_safetensors, write_json, write_safetensors
 from tinylora.lora import DEFAULT, Adapter, adaptable_linears, inject, list_adapters, lora_layers
 
 CONFIG_FILE = "adapter_config.json"
@@ -25,6 +25,9 @@ def _adapter_of(model: Any, adapter_name: str | None) -> tuple[dict[str, Adapter
   layers = lora_layers(model, adapter_name)
   if not layers: raise LoraError("model has no LoRA adapters to save")
   adapters = {p: l.adapters[adapter_name or l.active] for p, l in layers.items()}
+  if bare := [p for p, a in adapters.items() if a.config is None]:
+    raise LoraError(f"{bare[0]} holds a LoraLinear built by hand, without the LoraConfig an adapter file records; add "
+                    f"adapters with inject(model, config) to save them")
   return adapters, next(iter(adapters.values())).config
 
 def _numpy(t: Tensor) -> np.ndarray: return t.float().numpy()
@@ -181,29 +184,16 @@ def load_adapter(model: Any, path: str | os.PathLike, format: str | None = None,
   if not linears:
     raise LoraError(f"{cfg_path}: target_modules={config.target_modules!r} matches no linear in the model; "
                     f"linears are: {', '.join(sorted(adaptable_linears(model)))}")
-  expected = {}
+  expected = {}  # shapes as stored in the file
   for p, (out_f, in_f) in linears.items():
     r = config.rank(p)
-    expected[key_of(p, "A")] = (r, in_f)
-    expected[key_of(p, "B")] = (out_f, r)
+    expected[key_of(p, "A")], expected[key_of(p, "B")] = ((in_f, r), (r, out_f)) if transposed else ((r, in_f), (out_f, r))
     if config.use_dora: expected[key_of(p, "magnitude")] = (out_f,)
-  def found_shape(k): return tuple(tensors[k].shape[::-1] if transposed else tensors[k].shape)
-  def file_shape(shape): return tuple(shape[::-1]) if transposed else tuple(shape)
-  if missing := sorted(set(expected) - set(tensors)):
-    raise LoraError(f"{weights}: missing {len(missing)} tensor(s) for this model, e.g. {missing[0]!r} "
-                    f"(expected shape {file_shape(expected[missing[0]])})")
-  if extra := sorted(set(tensors) - set(expected)):
-    raise LoraError(f"{weights}: {len(extra)} tensor(s) match no adapted linear of this model, e.g. {extra[0]!r} "
-                    f"with shape {tuple(tensors[extra[0]].shape)}")
-  for k, shape in expected.items():
-    if found_shape(k) != shape:
-      got = found_shape(k)
-      rank_note = f"; the config's rank is {shape[0] if k.endswith(('A.weight', 'lora_a')) else shape[1]}" \
-                  if len(got) == len(shape) == 2 and (got[0] != shape[0]) != (got[1] != shape[1]) else ""
-      raise LoraError(f"{weights}: tensor {k!r} has shape {tuple(tensors[k].shape)}, expected {file_shape(shape)}{rank_note}")
-    if not np.issubdtype(tensors[k].dtype, np.floating):
-      raise LoraError(f"{weights}: tensor {k!r} has dtype {tensors[k].dtype}, expected a float type")
-    if not np.isfinite(tensors[k]).all(): raise LoraError(f"{weights}: tensor {k!r} holds non-finite values (nan or inf)")
+  def rank_note(k: str, found: tuple[int, ...]) -> str:  # one side of a matrix agrees, so the other is the rank
+    shape = expected[k]
+    if len(found) != 2 or len(shape) != 2 or (found[0] != shape[0]) == (found[1] != shape[1]): return ""
+    return f"; the config's rank is {shape[k.endswith(('A.weight', 'lora_a')) == transposed]}"
+  check_arrays(str(weights), tensors, expected, floats=True, note=rank_note)
 
   if CONFIG_TAG in metadata and metadata[CONFIG_TAG] != _config_digest(cfg):
     raise LoraError(f"{weights} was saved with a different {CONFIG_FILE} than the one beside it (an interrupted save?)")

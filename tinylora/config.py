@@ -14,6 +14,11 @@ def layer_index(path: str) -> int | None:
   m = _LAYER_INDEX.search(path)
   return int(m.group(1)) if m else None
 
+def is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
+
+# abs(v) <= float max rejects nan, inf and ints too large for a float (math.isfinite would raise OverflowError)
+def is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= sys.float_info.max
+
 def _pattern_regex(key: str) -> str:
   # PEFT: a rank_pattern/alpha_pattern key is a name or regex matched against the end of the module path
   return rf"(.*\.)?({key})$"
@@ -28,7 +33,7 @@ class LoraConfig:
   target_modules: module names (a module matches when its dotted path equals the name or ends with "." + name),
   a regex string matched against the whole path, or "all-linear" (every linear except the output head).
   init_lora_weights: True (A as nn.Linear's kaiming-uniform init, B = 0, so the adapter starts as the identity),
-  "gaussian" (A ~ N(0, 1/r), B = 0) or False (A and B both random: for tests).
+  "gaussian" (A normal with standard deviation 1/r, as PEFT draws it; B = 0) or False (A and B both random: for tests).
   use_dora: DoRA (weight-decomposed LoRA): each row of W + scale * B @ A is normalised and scaled by a trained magnitude."""
   r: int = 8
   lora_alpha: float = 8
@@ -44,9 +49,6 @@ class LoraConfig:
   def __post_init__(self):
     def check(ok: bool, what: str, value, expected: str):
       if not ok: raise LoraError(f"LoraConfig.{what} = {value!r}: expected {expected}")
-    def is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
-    # abs(v) <= float max rejects nan, inf and ints too large for a float (math.isfinite would raise OverflowError)
-    def is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= sys.float_info.max
     check(is_int(self.r) and self.r >= 1, "r", self.r, "an integer >= 1")
     check(is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "a finite number > 0")
     check(is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout,

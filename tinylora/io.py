@@ -1,6 +1,6 @@
 """Crash-safe file writes and checked safetensors reads shared by adapters, checkpoints and merged models."""
 from __future__ import annotations
-import contextlib, json, math, os, pathlib, struct, tempfile
+import contextlib, hashlib, json, math, os, pathlib, struct, tempfile
 from typing import Callable, Iterable, Iterator
 import numpy as np
 from tinylora.errors import LoraError
@@ -39,10 +39,20 @@ def read_json(path: str | os.PathLike) -> dict:
 _NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
               "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
 _ST_NAMES = {np.dtype(v): k for k, v in _NP_DTYPES.items()}
+# Files tinylora writes carry a SHA-256 of their tensor entries and bytes in the metadata, checked on read: safetensors'
+# structure checks cannot see a flipped bit inside a tensor. Files from other tools have none and are read as they are.
+DIGEST = "tinylora.sha256"
+
+def _digest(entries: dict, chunks: Iterable) -> str:
+  """SHA-256 of the tensor entries of a header (names, dtypes, shapes, offsets) and then of the tensor bytes."""
+  h = hashlib.sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode())
+  for chunk in chunks: h.update(chunk)
+  return h.hexdigest()
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """Reads a whole .safetensors file into numpy arrays (BF16 is widened to float32), checking the header and every
-  offset, so a truncated or corrupt file raises LoraError naming the file instead of failing deep inside."""
+  offset, so a truncated or corrupt file raises LoraError naming the file instead of failing deep inside, and the
+  SHA-256 of a file tinylora wrote (see DIGEST; it is not among the metadata returned)."""
   path = pathlib.Path(path)
   data = path.read_bytes()
   def bad(why: str) -> LoraError: return LoraError(f"{path}: not a valid safetensors file ({why})")
@@ -71,18 +81,22 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     if dtype == "BF16": arr = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
     else: arr = np.frombuffer(raw, _NP_DTYPES[dtype]).copy()
     out[key] = arr.reshape(shape)
+  if DIGEST in metadata and metadata.pop(DIGEST) != _digest(header, [body]):
+    raise LoraError(f"{path}: its tensors do not match the SHA-256 tinylora saved with them (changed or damaged since)")
   return out, {str(k): str(v) for k, v in metadata.items()}
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-  """Writes numpy arrays as .safetensors atomically (keys sorted, as the safetensors library does)."""
-  header: dict = {"__metadata__": metadata} if metadata else {}
-  offset, arrays = 0, []
+  """Writes numpy arrays as .safetensors atomically (keys sorted, as the safetensors library does), with their SHA-256
+  in the metadata."""
+  entries, offset, arrays = {}, 0, []
   for key in sorted(tensors):
     arr = np.ascontiguousarray(tensors[key])
     if arr.dtype not in _ST_NAMES: raise LoraError(f"tensor {key!r}: dtype {arr.dtype} cannot be written to safetensors")
-    header[key] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+    entries[key] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
     offset += arr.nbytes
     arrays.append(arr)
+  digest = _digest(entries, (arr.reshape(-1).view(np.uint8) for arr in arrays))
+  header = {"__metadata__": {**(metadata or {}), DIGEST: digest}, **entries}
   hb = json.dumps(header, separators=(",", ":")).encode()
   hb += b" " * (-len(hb) % 8)
   with atomic_path(path) as tmp, open(tmp, "wb") as f:

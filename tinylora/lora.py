@@ -8,7 +8,7 @@ from tinylora.config import LoraConfig
 from tinylora.errors import LoraError
 from tinylora.device_policy import base_forward, merge_on_the_fly
 from tinylora.quant import QuantizedLinear, linear_shape
-from tinylora.tree import named_modules, replace_module
+from tinylora.tree import named_modules, replace_module, unique_state_dict
 
 DEFAULT = "default"  # the adapter name when none is given, as in PEFT
 BASE = "__base__"    # in mixed batches: a row that uses no adapter (PEFT's spelling)
@@ -276,11 +276,12 @@ def trainable_parameters(model: Any) -> list[Tensor]:
 def count_parameters(model: Any) -> tuple[int, int]:
   """(trainable, total) parameter counts; shared (tied) tensors count once, quantized weights by stored elements."""
   trainable = sum(t.numel() for t in trainable_parameters(model))
-  total = sum(t.numel() for t in {id(t): t for t in nn.state.get_parameters(model)}.values())
+  total = sum(t.numel() for t in unique_state_dict(model).values())
   return trainable, total
 
 def merge(model: Any) -> Any:
-  """Folds the active adapter into its base weights (reversible with unmerge). Merging twice is an error."""
+  """Folds the active adapter into its base weights. unmerge reverses it to float rounding (the weights come back as
+  (W + d) - d, not bit for bit W). Merging twice is an error."""
   layers = lora_layers(model)
   if not layers: raise LoraError("model has no LoRA adapters to merge")
   if merged := [p for p, l, _, _ in _lora_modules(model) if l.merged]: raise LoraError(f"already merged: {', '.join(merged)}")
@@ -326,7 +327,8 @@ def merge_and_unload(model: Any, dtype=None, requantize: bool = False) -> Any:
   return model
 
 def unload(model: Any) -> Any:
-  """Removes every adapter without merging it, giving back the base linears."""
+  """Removes every adapter without merging it, giving back the base linears (a merged one is unmerged first, so its
+  weight equals the base to float rounding)."""
   for _, m, parent, k in _lora_modules(model):
     if m.merged: m.unmerge()
     replace_module(parent, k, m.base)
@@ -334,7 +336,9 @@ def unload(model: Any) -> Any:
 
 @contextlib.contextmanager
 def disabled(model: Any) -> Iterator[Any]:
-  """Inside this block the model computes exactly its base output (merged adapters are unmerged for the while)."""
+  """Inside this block the model computes its base output: exactly, for adapters that are not merged; merged ones are
+  unmerged for the while, which gives the base weights to float rounding (and merged again after, even if the block
+  raises)."""
   layers = [m for _, m, _, _ in _lora_modules(model)]
   was_merged = [l for l in layers if l.merged]
   for l in was_merged: l.unmerge()

@@ -10,9 +10,10 @@ from tinygrad.device import canonicalize_device
 from tinygrad.helpers import Context, tqdm
 from tinygrad.uop.ops import Ops
 from tinylora.adapter import save_adapter, peft_state, PEFT_WEIGHTS
+from tinylora.config import is_int, is_number
 from tinylora.data import Example, batch_at, eval_batches
 from tinylora.errors import LoraError
-from tinylora.io import read_json, read_safetensors, write_json, write_safetensors
+from tinylora.io import check_arrays, read_json, read_safetensors, write_json, write_safetensors
 from tinylora.device_policy import cpu_matmul_shapes
 from tinylora.lora import lora_layers, trainable_parameters
 
@@ -39,6 +40,17 @@ class TrainConfig:
   grad_clip: float = 1.0
   accum_steps: int = 1
 
+  def __post_init__(self):
+    def check(ok: bool, name: str, expected: str):
+      if not ok: raise LoraError(f"TrainConfig.{name} = {getattr(self, name)!r}: expected {expected}")
+    check(is_number(self.lr) and self.lr > 0, "lr", "a finite number > 0")
+    check(is_int(self.iters) and self.iters >= 1, "iters", "an integer >= 1")
+    check(is_int(self.warmup) and 0 <= self.warmup <= self.iters, "warmup", f"an integer in [0, iters={self.iters}]")
+    check(is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "a number in [0, 1]")
+    check(is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number >= 0")
+    check(is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a finite number >= 0 (0: no clipping)")
+    check(is_int(self.accum_steps) and self.accum_steps >= 1, "accum_steps", "an integer >= 1")
+
 def to_devices(model: Any, devices: str | Sequence[str]) -> Any:
   """Puts every tensor of `model` in place on one device, or a copy on each of several devices (the replicas of data
   parallel training); tensors shared between modules (tied weights) stay shared. Returns the model."""
@@ -60,7 +72,8 @@ def _check_devices(devices: str | Sequence[str]) -> tuple[str, ...]:
 class Trainer:
   """Updates only the model's LoRA tensors with AdamW. One optimizer step = `accum_steps` micro-batches:
   `_accumulate` (TinyJit) adds each micro-batch's gradients into buffers and returns (loss, gradient norm);
-  the host checks both are finite (so nothing non-finite is ever written) and `_apply` (TinyJit) clips and steps.
+  the host checks both are finite and only then does `_apply` (TinyJit) clip and step, so no non-finite value reaches
+  the LoRA tensors, the optimizer state or a checkpoint (the gradient buffers hold it until the next step clears them).
 
   `devices=("CUDA:0", "CUDA:1", ...)` trains data parallel: the model (frozen base and adapter) is copied onto every
   device, each micro-batch is split along its batch axis, and tinygrad sums the LoRA gradients across the devices
@@ -158,6 +171,7 @@ class Trainer:
   def save_checkpoint(self, directory: str | os.PathLike, keep: int = 2, extra: dict | None = None) -> pathlib.Path:
     """Writes a complete checkpoint into a new folder, then atomically points `latest` at it; a crash at any moment
     leaves the previous checkpoint loadable. Keeps the newest `keep` checkpoints."""
+    if not is_int(keep) or keep < 1: raise LoraError(f"keep = {keep!r}: expected an integer >= 1 (checkpoints to keep)")
     directory = pathlib.Path(directory)
     ckpt = directory / f"step_{self.step:06d}"
     save_adapter(self.model, ckpt)
@@ -186,21 +200,18 @@ class Trainer:
     targets = expected | {f"m.{i}": m for i, m in enumerate(self.opt.m)} | {f"v.{i}": v for i, v in enumerate(self.opt.v)}
     targets |= {"b1_t": self.opt.b1_t, "b2_t": self.opt.b2_t}
     arrays = adapter | opt
-    for k, t in targets.items():  # check everything before assigning anything
-      if k not in arrays: raise LoraError(f"{ckpt}: checkpoint has no tensor {k!r}")
-      if tuple(arrays[k].shape) != tuple(t.shape):
-        raise LoraError(f"{ckpt}: tensor {k!r} has shape {tuple(arrays[k].shape)}, expected {tuple(t.shape)}")
-      if not np.isfinite(arrays[k]).all(): raise LoraError(f"{ckpt}: tensor {k!r} holds non-finite values")
+    check_arrays(str(ckpt), arrays, {k: t.shape for k, t in targets.items()}, floats=True)  # all before any is assigned
     for k, t in targets.items(): t.assign(Tensor(arrays[k].astype(np.float32), dtype=t.dtype, device=t.device)).realize()
     self.step = int(state["step"])
     return state
 
 def fit(trainer: Trainer, train: list[Example], valid: list[Example] | None, batch_size: int, seq_len: int, seed: int = 0,
         pad_id: int = 0, val_every: int = 50, val_batches: int = 8, checkpoint_dir: str | os.PathLike | None = None,
-        save_every: int = 100, progress: bool = True) -> list[dict]:
+        save_every: int = 100, keep: int = 2, progress: bool = True) -> list[dict]:
   """Runs `trainer` from its current step to `config.iters` on fixed-shape batches drawn by (seed, step), with a progress
   bar (loss, tokens/s, ETA), validation every `val_every` steps and checkpoints every `save_every` steps (and at the
-  end). Returns one record per step: step, loss, grad_norm, lr, tokens_per_s, and val_loss where measured."""
+  end), keeping the newest `keep`. Returns one record per step: step, loss, grad_norm, lr, tokens_per_s, and val_loss
+  where measured."""
   c, history = trainer.config, []
   valid_b = eval_batches(valid, batch_size, seq_len, pad_id, val_batches) if valid else []
   bar = tqdm(total=c.iters, desc="train", disable=not progress)
@@ -218,7 +229,7 @@ def fit(trainer: Trainer, train: list[Example], valid: list[Example] | None, bat
       record["val_loss"] = trainer.evaluate(valid_b)
       if progress: tqdm.write(f"step {trainer.step}: train loss {loss:.3f}, val loss {record['val_loss']:.3f}")
     if checkpoint_dir is not None and (trainer.step % save_every == 0 or trainer.step == c.iters):
-      trainer.save_checkpoint(checkpoint_dir)
+      trainer.save_checkpoint(checkpoint_dir, keep)
     bar.set_description(f"loss {loss:.3f} | {record['tokens_per_s']:.0f} tok/s")
     bar.update(1)
     history.append(record)
