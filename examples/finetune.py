@@ -130,6 +130,7 @@ def main() -> None:
   out = pathlib.Path(args.out)
   Tensor.manual_seed(args.seed)
   model, tokenizer, model_name = load(args)
+  timings = {"load_s": time.perf_counter() - start}
   mask = not args.no_mask_prompt
   if args.data:
     train = load_dataset(pathlib.Path(args.data) / "train.jsonl", tokenizer, mask)
@@ -151,7 +152,9 @@ def main() -> None:
   print(f"{model_name} on {Device.DEFAULT} | {len(train)} train / {len(valid)} held-out examples | "
         f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
+  t = time.perf_counter()
   accuracy_before, answers_before = judge(model, tokenizer, heldout)
+  timings["judge_before_s"] = time.perf_counter() - t
   trainer = Trainer(model, TrainConfig(lr=args.lr, iters=args.iters, warmup=args.warmup, grad_clip=args.grad_clip,
                                        accum_steps=args.accum, grad_checkpoint=args.grad_checkpoint))
   if args.resume: print(f"resumed at step {trainer.load_checkpoint(out / 'checkpoints')['step']}")
@@ -162,13 +165,16 @@ def main() -> None:
                 val_every=args.val_every, checkpoint_dir=out / "checkpoints", save_every=args.save_every)
   train_seconds = time.perf_counter() - train_start
   val_after = next((h["val_loss"] for h in reversed(history) if "val_loss" in h), val_before)
+  t = time.perf_counter()
   accuracy_after, answers_after = judge(model, tokenizer, heldout)
+  timings["judge_after_s"] = time.perf_counter() - t
   print(f"held-out validation loss {val_before:.3f} -> {val_after:.3f}")
   for row, a, b in list(zip(heldout, answers_before, answers_after))[:4]:
     question = row["messages"][-2]["content"] if "messages" in row else prompt_of(row, tokenizer)
     print(f"  {question!r}\n    before: {a!r}\n    after:  {b!r}")
   print(f"held-out accuracy {accuracy_before:.2f} -> {accuracy_after:.2f} ({len(heldout)} prompts never trained on)")
 
+  t = time.perf_counter()
   prompt = tokenizer.encode(prompt_of(heldout[0], tokenizer))
   adapted = model(Tensor([prompt])).numpy()
   tl.save_adapter(model, out / "adapter")
@@ -192,10 +198,14 @@ def main() -> None:
           f"  python -c \"from transformers import pipeline; print(pipeline('text-generation', '{out / 'merged-hf'}')("
           f"[{{'role': 'user', 'content': {question}}}])[0]['generated_text'][-1])\"")
 
+  timings["save_s"] = time.perf_counter() - t
   steps_run = len(history)
+  step_times = np.diff([h["elapsed_s"] for h in history]) if len(history) > 2 else []
   metrics = {"model": model_name, "device": Device.DEFAULT, "steps": trainer.step, "batch_size": args.batch_size,
              "seq_len": args.seq_len, "train_tokens_per_s": steps_run * args.batch_size * args.seq_len * args.accum / train_seconds,
              "first_step_s": history[0].get("first_step_s") if history else None,
+             "step_s_median": float(np.median(step_times[1:])) if len(step_times) > 1 else None, "train_s": train_seconds,
+             **timings,
              "val_loss_before": val_before, "val_loss_after": val_after,
              "heldout_accuracy_before": accuracy_before, "heldout_accuracy_after": accuracy_after,
              "heldout_answers_after": answers_after, "seconds": time.perf_counter() - start}

@@ -87,7 +87,7 @@ def test_names_and_qk_permutation_invert():
   w = np.arange(8 * 16 * 3).reshape(8 * 16, 3)
   assert (unpermute_qk(permute_qk(w, 4), 4) == w).all() and not (permute_qk(w, 4) == w).all()
   # convert_hf_to_gguf interleaves the two rotate_half halves of each head: rows (0, 8, 1, 9, ...) of a 16-row head
-  assert permute_qk(w, 8)[:4, 0].tolist() == [w[0, 0], w[8, 0], w[3, 0], w[11, 0]]
+  assert permute_qk(w, 8)[:4, 0].tolist() == [w[0, 0], w[8, 0], w[1, 0], w[9, 0]]
 
 def test_adapter_in_llama_cpps_lora_format(tmp_path):
   Tensor.manual_seed(0)

@@ -139,18 +139,25 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def save_adapter(model: Any, path: str | os.PathLike, format: str = "peft", adapter_name: str | None = None) -> None:
   """Writes the model's adapter `adapter_name` (default: the active one) as HF PEFT (`format="peft"`) or mlx-lm
-  (`"mlx"`) files in directory `path`. Each file is written atomically; the weights go first, so a crash never pairs a
-  new config with old weights."""
+  (`"mlx"`) files in directory `path`, or as one llama.cpp LoRA file `path` (`"gguf"`, needs the `gguf` package).
+  Each file is written atomically; the weights go first, so a crash never pairs a new config with old weights."""
   layers, config = _adapter_of(model, adapter_name)
   path = pathlib.Path(path)
   if format == "peft":
     cfg, tensors, weights = peft_config_dict(config, layers), peft_state(layers), PEFT_WEIGHTS
   elif format == "mlx":
     cfg, tensors, weights = mlx_config_dict(config, layers, model), mlx_state(layers), MLX_WEIGHTS
-  else: raise LoraError(f"unknown adapter format {format!r}: expected 'peft' or 'mlx'")
+  elif format == "gguf":  # one llama.cpp file `path`
+    if getattr(config, "use_dora", False): raise LoraError("llama.cpp adapters are LoRA only; save a DoRA adapter as peft or mlx")
+    if not hasattr(model, "config"): raise LoraError("a GGUF adapter needs a tinylora.models model (its architecture and heads)")
+    cfg, tensors, weights = None, peft_state(layers), None
+  else: raise LoraError(f"unknown adapter format {format!r}: expected 'peft', 'mlx' or 'gguf'")
   arrays = {k: _numpy(t) for k, t in tensors.items()}
   if bad := [k for k, a in arrays.items() if not np.isfinite(a).all()]:
     raise LoraError(f"refusing to save non-finite adapter tensors: {', '.join(bad[:5])}")
+  if format == "gguf":
+    from tinylora.models.gguf import write_adapter
+    return write_adapter(layers, model.config, path)
   metadata = {"format": "pt" if format == "peft" else "mlx", CONFIG_TAG: _config_digest(cfg)}
   write_safetensors(path / weights, arrays, metadata)
   write_json(path / CONFIG_FILE, cfg)

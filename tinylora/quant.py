@@ -31,6 +31,10 @@ def _check_in_features(in_features: int, group_size: int) -> None:
 
 def pack_array(q: np.ndarray, bits: int) -> np.ndarray:
   """Packs integer codes (..., n) in [0, 2**bits) into uint32 words (..., n*bits/32), mlx's layout."""
+  if 8 % bits == 0:  # whole values per byte: byte k holds values k*per .. k*per+per-1, lowest bits first
+    per, q = 8 // bits, q.astype(np.uint8)
+    packed = sum((q[..., i::per] << (i * bits)).astype(np.uint8) for i in range(per))
+    return np.ascontiguousarray(packed).view("<u4").astype(np.uint32)
   stream = np.unpackbits(q.astype(np.uint8)[..., None], axis=-1, bitorder="little")[..., :bits]
   packed = np.packbits(stream.reshape(*q.shape[:-1], -1), axis=-1, bitorder="little")
   return np.ascontiguousarray(packed).view("<u4").astype(np.uint32)

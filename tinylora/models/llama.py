@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools, math
 from dataclasses import dataclass, field
 import numpy as np
-from tinygrad import Tensor, UOp, dtypes, nn
+from tinygrad import Tensor, UOp, dtypes, function, nn
+from tinygrad.helpers import TRAINING
 from tinygrad.dtype import DType
 from tinylora.errors import LoraError
 from tinylora.lora import mixed_batch
+from tinylora.tree import named_modules
 from tinylora.device_policy import base_forward
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -142,7 +144,8 @@ class Attention:
     self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=bias)
     self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.model_type == "llama" and bias)
 
-  def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | UOp, cache: KVCache | None) -> Tensor:
+  def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | UOp, cache: KVCache | None,
+               saved: list[Tensor] | None = None) -> Tensor:
     c, (B, T, _) = self.config, x.shape
     heads, kv_heads, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     q = base_forward(self.q_proj, x).reshape(B, T, heads, hd).transpose(1, 2)
@@ -160,6 +163,7 @@ class Attention:
     if T > 1:  # causal, aligned to the end: query i sits at position start_pos + i
       scores = scores + Tensor.full((T, start_pos + T), float("-inf"), device=x.device).triu(start_pos + 1)
     probs = scores.softmax(-1).cast(x.dtype).contiguous()
+    if saved is not None: saved += [q, k, v, scores, probs]
     out = (probs @ v).reshape(B, heads, T, hd).transpose(1, 2).reshape(B, T, heads * hd)
     return base_forward(self.o_proj, out)
 
@@ -169,9 +173,11 @@ class MLP:
     self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
     self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-  def __call__(self, x: Tensor) -> Tensor:
+  def __call__(self, x: Tensor, saved: list[Tensor] | None = None) -> Tensor:
     gate, up = (base_forward(p, x).contiguous_backward() for p in (self.gate_proj, self.up_proj))
-    return base_forward(self.down_proj, (gate.silu() * up).contiguous())
+    hidden = (gate.silu() * up).contiguous()
+    if saved is not None: saved += [gate, up, hidden]
+    return base_forward(self.down_proj, hidden)
 
 class DecoderLayer:
   def __init__(self, config: ModelConfig, layer: int):
@@ -180,9 +186,32 @@ class DecoderLayer:
     self.input_layernorm = nn.RMSNorm(config.hidden_size, config.rms_norm_eps)
     self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-  def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | UOp, cache: KVCache | None) -> Tensor:
-    h = x + self.self_attn(self.input_layernorm(x).contiguous(), cos, sin, start_pos, cache)
-    return h + self.mlp(self.post_attention_layernorm(h).contiguous())
+  def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | UOp, cache: KVCache | None,
+               saved: list[Tensor] | None = None) -> Tensor:
+    normed = self.input_layernorm(x).contiguous()
+    h = x + self.self_attn(normed, cos, sin, start_pos, cache, saved)
+    post = self.post_attention_layernorm(h).contiguous()
+    if saved is not None: saved += [normed, h, post]
+    return h + self.mlp(post, saved)
+
+# A full-sequence decoder layer runs as a tinygrad `function` with the layer object as an argument, so its weights and
+# adapters are explicit inputs: every layer calls one body, whose forward and backward kernels are scheduled and
+# compiled once instead of once per layer. Its materialised intermediates are returned as extra outputs, which the
+# backward reuses instead of recomputing the forward; the checkpointed variant returns only the output, so the
+# backward recomputes the layer from its input and nothing else of the layer stays alive between forward and backward.
+def _layer_with_intermediates(layer: DecoderLayer, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, ...]:
+  saved: list[Tensor] = []
+  return (layer(x, cos, sin, 0, None, saved), *saved)
+
+_layer = function(_layer_with_intermediates, precompile=True, precompile_backward=True)
+_checkpointed_layer = function(lambda layer, x, cos, sin: layer(x, cos, sin, 0, None), precompile=True, precompile_backward=True)
+
+def _callable_as_function(layer: DecoderLayer) -> bool:
+  """Whether the layer can run as a function: tinygrad cannot differentiate through packed integer weights (their
+  unpacking), and random dropout masks inside would need the RNG state as an input."""
+  tensors = nn.state.get_state_dict(layer).values()
+  return all(dtypes.is_float(t.dtype) and isinstance(t.device, str) for t in tensors) and \
+    not (TRAINING and any(getattr(m, "dropout", 0) for _, m, _, _ in named_modules(layer)))
 
 class Backbone:
   """HF's `model.` prefix: embeddings, decoder layers and final norm."""
@@ -200,6 +229,7 @@ class Model:
   [start_pos, start_pos+T), stores their keys and values and attends to everything cached before them."""
   def __init__(self, config: ModelConfig):
     self.config = config
+    self.grad_checkpoint = False  # recompute each decoder layer in the backward instead of keeping its activations
     self.model = Backbone(config)
     self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
     if config.tie_word_embeddings: self.lm_head.weight = self.model.embed_tokens.weight
@@ -235,5 +265,8 @@ class Model:
     cos, sin = _rope_table(c.head_dim, c.rope_theta, c.rope_scaling, max_len, self.model.norm.weight.device)
     cos, sin = cos[start_pos:start_pos + T].cast(self.dtype), sin[start_pos:start_pos + T].cast(self.dtype)
     x = self.model.embed_tokens(tokens)
-    for layer in self.model.layers: x = layer(x, cos, sin, start_pos, cache)
+    for layer in self.model.layers:
+      if cache is None and _callable_as_function(layer):
+        x = _checkpointed_layer(layer, x, cos, sin) if self.grad_checkpoint else _layer(layer, x, cos, sin)[0]
+      else: x = layer(x, cos, sin, start_pos, cache)
     return base_forward(self.lm_head, self.model.norm(x).contiguous()).float()

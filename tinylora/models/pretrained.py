@@ -17,10 +17,15 @@ from tinylora.tree import unique_state_dict
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older Llama checkpoints saved; recomputed here
 _SAVE_DTYPES = (dtypes.float32, dtypes.float16)
 
-def load_pretrained(path: str | os.PathLike, dtype: DType | None = None) -> Model:
-  """Loads a local HF model directory. Raises FileNotFoundError for a missing directory or file and LoraError for
-  an unsupported config or weights that do not match it (missing, unexpected or mis-shaped keys)."""
+def load_pretrained(path: str | os.PathLike, dtype: DType | None = None, dequantize: bool = False) -> Model:
+  """Loads a local HF model directory or a `.gguf` file (see tinylora/models/gguf.py: Q4_0/Q4_1/Q8_0 stay packed unless
+  `dequantize`, other GGUF tensors load as `dtype`, float16 by default). Raises FileNotFoundError for a missing
+  directory or file and LoraError for an unsupported config or weights that do not match it (missing, unexpected or
+  mis-shaped keys)."""
   path = pathlib.Path(path)
+  if path.suffix == ".gguf":
+    from tinylora.models.gguf import load_gguf
+    return load_gguf(path, dtype, dequantize)
   if not path.is_dir(): raise FileNotFoundError(f"model directory not found: {path}")
   config = read_json(path / "config.json")
   model = Model(ModelConfig.from_hf(config))  # its lazy random init is replaced before it is ever realized
@@ -63,10 +68,15 @@ def assign_weights(model: Model, weights: dict[str, np.ndarray], dtype: DType | 
     if np.issubdtype(weights[key].dtype, np.floating) and new.dtype != dtype: new = new.cast(dtype)
     t.replace(new.realize())  # in place, so a tied lm_head keeps sharing the embedding tensor
 
-def save_pretrained(model: Model, path: str | os.PathLike, dtype: DType | None = None) -> None:
-  """Writes config.json and model.safetensors (HF layout; no lm_head.weight when tied), each atomically.
-  `dtype` (float32 or float16) casts the float tensors; None keeps each tensor's dtype. A LoRA-injected model must be
-  merged first: its adapter tensors have no place in an HF model file."""
+def save_pretrained(model: Model, path: str | os.PathLike, dtype: DType | None = None, format: str = "hf",
+                    quantization: str = "f16", tokenizer=None) -> None:
+  """Writes the model, each file atomically. A LoRA-injected model must be merged first: its adapter tensors have no
+  place in a model file.
+  format="hf": directory `path` with config.json and model.safetensors (no lm_head.weight when tied), and the
+  tokenizer's files when `tokenizer` is given; `dtype` (float32 or float16) casts the float tensors, None keeps them.
+  format="gguf": one llama.cpp file `path` with 2-D weights in `quantization` ("f32", "f16", "q8_0", "q4_0", "q4_1";
+  needs the `gguf` package) and the tokenizer and chat template of `tokenizer`, or of the GGUF the model was loaded from."""
+  if format not in ("hf", "gguf"): raise LoraError(f"unknown model format {format!r}: expected 'hf' or 'gguf'")
   if dtype is not None and dtype not in _SAVE_DTYPES:
     raise LoraError(f"save_pretrained writes float32 or float16, not {dtype}")
   reference = unique_state_dict(Model(model.config))
@@ -75,6 +85,11 @@ def save_pretrained(model: Model, path: str | os.PathLike, dtype: DType | None =
     base = key.rsplit(".", 1)[0]
     if key not in reference and not (key.endswith((".scales", ".biases")) and f"{base}.weight" in reference):
       raise LoraError(f"cannot save {key!r} in an HF model file; merge or remove LoRA adapters before save_pretrained")
+  if format == "gguf":
+    from tinylora.models.gguf import tokenizer_metadata, write_model
+    metadata = tokenizer_metadata(tokenizer) if tokenizer is not None else getattr(model, "gguf_tokenizer", None)
+    if metadata is None: raise LoraError("a GGUF file carries its tokenizer: pass tokenizer=load_tokenizer(model_dir)")
+    return write_model(model, path, quantization, dict(metadata))
   arrays = {}
   for key, t in state.items():
     if dtype is not None and dtypes.is_float(t.dtype): t = t.cast(dtype)
@@ -88,3 +103,4 @@ def save_pretrained(model: Model, path: str | os.PathLike, dtype: DType | None =
   write_safetensors(path / "model.safetensors", arrays, {"format": "pt"})
   (path / "model.safetensors.index.json").unlink(missing_ok=True)  # a stale index would win over the new file on load
   write_json(path / "config.json", config)
+  if tokenizer is not None: tokenizer.save(path)
