@@ -157,7 +157,8 @@ def test_shape_change_is_refused():
   (dict(accum_steps=0), "accum_steps"), (dict(accum_steps=1.5), "accum_steps"), (dict(lr=-1e-3), "lr"), (dict(lr=0), "lr"),
   (dict(lr=float("nan")), "lr"), (dict(lr=10**400), "lr"), (dict(iters=0), "iters"), (dict(iters=True), "iters"),
   (dict(warmup=-1), "warmup"), (dict(iters=10, warmup=11), "warmup"), (dict(min_lr_ratio=1.5), "min_lr_ratio"),
-  (dict(weight_decay=-0.1), "weight_decay"), (dict(grad_clip=-1), "grad_clip"), (dict(grad_clip=float("inf")), "grad_clip")])
+  (dict(weight_decay=-0.1), "weight_decay"), (dict(grad_clip=-1), "grad_clip"), (dict(grad_clip=float("inf")), "grad_clip"),
+  (dict(grad_checkpoint="yes"), "grad_checkpoint")])
 def test_train_config_errors(kwargs, field):
   with pytest.raises(LoraError, match=rf"TrainConfig\.{field} = .*: expected"): TrainConfig(**kwargs)
 
