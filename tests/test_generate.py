@@ -108,3 +108,19 @@ def test_a_shared_prompt_prefix_is_not_computed_again(model):
   np.testing.assert_allclose(logits, full_logits(model, PROMPT + [7])[-1], atol=1e-5, rtol=1e-5)
   assert decoder.prefill(PROMPT) is not None and decoder.jit.cnt == calls + 2  # fully cached: the last token runs again
   with pytest.raises(LoraError, match="uncached"): decoder.step(1, len(PROMPT) + 3)
+
+def test_mixed_adapter_rows_generate_as_each_adapter_alone():
+  from tinylora import LoraConfig, inject, set_adapter, disabled
+  model = Model.from_config(CONFIG)
+  inject(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), adapter_name="a")
+  inject(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False), adapter_name="b")
+  prompts = [PROMPT, PROMPT[:2], [9, 9, 9]]
+  rows = generate(model, prompts, 5, adapter_names=["b", "__base__", "a"])
+  set_adapter(model, "b")
+  alone_b = generate(model, PROMPT, 5)
+  with disabled(model): alone_base = generate(model, PROMPT[:2], 5)
+  set_adapter(model, "a")
+  assert rows == [alone_b, alone_base, generate(model, [9, 9, 9], 5)]
+  assert len({tuple(r) for r in (alone_b, generate(model, PROMPT, 5))}) == 2  # the adapters do change the output
+  with pytest.raises(LoraError, match="one per adapter name"): generate(model, [PROMPT], 3, adapter_names=["a", "b"])
+  with pytest.raises(LoraError, match="unknown adapter"): generate(model, [PROMPT], 3, adapter_names=["c"])

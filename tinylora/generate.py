@@ -28,16 +28,21 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.
   return int(rng.choice(len(p), p=p))
 
 class Decoder:
-  """A KV cache of `max_len` positions and a TinyJit'd one-token decode step for one model, batch 1."""
-  def __init__(self, model: Model, max_len: int):
+  """A KV cache of `max_len` positions and a TinyJit'd one-token decode step for one model: batch 1, or one row per
+  name in `adapter_names` (a mixed batch, see tinylora.mixed_batch)."""
+  def __init__(self, model: Model, max_len: int, adapter_names: tuple[str, ...] | None = None):
     if max_len < 2: raise LoraError(f"a decoder needs room for at least 2 positions, found max_len={max_len}")
+    self.adapter_names = adapter_names
     # a weak reference: the decoder is kept in a WeakKeyDictionary keyed by the model, which it must not keep alive
-    self.model, self.max_len, self.cache = weakref.ref(model), max_len, model.make_cache(1, max_len)
+    self.model, self.max_len = weakref.ref(model), max_len
+    self.cache = model.make_cache(len(adapter_names) if adapter_names else 1, max_len)
     self.pos = UOp.variable("start_pos", 0, max_len - 1)
     self.jit = TinyJit(self._step)
     self.state, self.tokens = module_state(model), []  # the tokens whose keys and values the cache holds, by position
 
-  def _step(self, token: Tensor, start_pos: UOp) -> Tensor: return self.model()(token, start_pos, self.cache)[0, -1].realize()
+  def _step(self, tokens: Tensor, start_pos: UOp) -> Tensor:
+    names = {"adapter_names": list(self.adapter_names)} if self.adapter_names else {}
+    return self.model()(tokens, start_pos, self.cache, **names)[:, -1].realize()
 
   def prefill(self, tokens: list[int]) -> np.ndarray:
     """Caches the prompt at positions [0, len(tokens)) and returns the logits that follow it. Positions whose tokens
@@ -50,40 +55,70 @@ class Decoder:
     """Caches `token` at position `pos` (after everything before it is cached) and returns the next logits."""
     if pos > len(self.tokens): raise LoraError(f"position {pos} follows uncached positions {len(self.tokens)}..{pos - 1}")
     self.tokens[pos:] = [token]
-    return self.jit(Tensor([[token]]), self.pos.bind(pos)).numpy()
+    return self.step_rows([token], pos)[0]
+
+  def step_rows(self, tokens: list[int], pos: int) -> np.ndarray:
+    """Caches one token per row at position `pos` and returns each row's next logits (rows, vocab)."""
+    return self.jit(Tensor([[t] for t in tokens]), self.pos.bind(pos)).numpy()
 
 def module_state(model: Model) -> tuple:
   """What a captured decode step depends on besides tensor values: which modules sit where, and their adapter flags."""
   return tuple((path, id(m), *(getattr(m, a, None) for a in ("merged", "enabled", "active"))) for path, m, _, _ in named_modules(model))
 
-_decoders: weakref.WeakKeyDictionary[Model, Decoder] = weakref.WeakKeyDictionary()
+_decoders: weakref.WeakKeyDictionary[Model, dict[tuple | None, Decoder]] = weakref.WeakKeyDictionary()
 
-def decoder_for(model: Model, length: int) -> Decoder:
-  """The model's decoder, rebuilt if the model changed or `length` positions do not fit (sizes grow by powers of two,
-  at least 256, at most the model's max_position_embeddings)."""
-  decoder = _decoders.get(model)
+def decoder_for(model: Model, length: int, adapter_names: tuple[str, ...] | None = None) -> Decoder:
+  """The model's decoder (one per adapter_names), rebuilt if the model changed or `length` positions do not fit (sizes
+  grow by powers of two, at least 256, at most the model's max_position_embeddings)."""
+  decoders = _decoders.setdefault(model, {})
+  decoder = decoders.get(adapter_names)
   if decoder is None or decoder.max_len < length or decoder.state != module_state(model):
     size = max(length, min(max(256, 1 << (length - 1).bit_length()), model.config.max_position_embeddings))
-    decoder = _decoders[model] = Decoder(model, size)
+    decoder = decoders[adapter_names] = Decoder(model, size, adapter_names)
   return decoder
 
-def generate(model: Model, tokens: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             stop_tokens: Iterable[int] = (), seed: int | None = None) -> list[int]:
+def generate(model: Model, tokens: list[int] | list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, stop_tokens: Iterable[int] = (), seed: int | None = None,
+             adapter_names: list[str] | None = None) -> list[int] | list[list[int]]:
   """Returns up to `max_new_tokens` new tokens following `tokens` (the prompt is not repeated). Generation stops early
-  at the first token in `stop_tokens`, which is not included. `seed` makes sampling reproducible."""
-  if not tokens: raise LoraError("generate needs at least one prompt token")
+  at the first token in `stop_tokens`, which is not included. `seed` makes sampling reproducible.
+  With `adapter_names` (one adapter name per row, "__base__" for none), `tokens` is a list of prompts, one per name, and
+  the result one list of new tokens per row: every row decodes with its own adapter in one batched pass per step (the
+  rows sit at the same positions, each fed its own prompt and then its own samples)."""
   if max_new_tokens < 0: raise LoraError(f"max_new_tokens must be >= 0, found {max_new_tokens}")
   if temperature < 0: raise LoraError(f"temperature must be >= 0, found {temperature}")
   if not 0 < top_p <= 1: raise LoraError(f"top_p must be in (0, 1], found {top_p}")
-  if (bad := [t for t in tokens if not 0 <= t < model.config.vocab_size]):
-    raise LoraError(f"prompt token {bad[0]} is outside the vocabulary of {model.config.vocab_size}")
-  if max_new_tokens == 0: return []
+  prompts = [tokens] if adapter_names is None else tokens
+  if adapter_names is not None and (not isinstance(tokens, list) or len(tokens) != len(adapter_names) or
+                                    not all(isinstance(p, list) for p in tokens)):
+    raise LoraError(f"with adapter_names, tokens must be a list of {len(adapter_names)} prompt(s), one per adapter name")
+  for prompt in prompts:
+    if not prompt: raise LoraError("generate needs at least one prompt token")
+    if (bad := [t for t in prompt if not 0 <= t < model.config.vocab_size]):
+      raise LoraError(f"prompt token {bad[0]} is outside the vocabulary of {model.config.vocab_size}")
   stop, rng = set(stop_tokens), np.random.default_rng(seed)
-  decoder = decoder_for(model, len(tokens) + max_new_tokens)
-  logits, out = decoder.prefill(tokens), []
-  for i in range(max_new_tokens):
-    token = sample(logits, temperature, top_p, rng)
-    if token in stop: break
-    out.append(token)
-    if i + 1 < max_new_tokens: logits = decoder.step(token, len(tokens) + i)
-  return out
+  if adapter_names is None:
+    if max_new_tokens == 0: return []
+    decoder = decoder_for(model, len(tokens) + max_new_tokens)
+    logits, out = decoder.prefill(tokens), []
+    for i in range(max_new_tokens):
+      token = sample(logits, temperature, top_p, rng)
+      if token in stop: break
+      out.append(token)
+      if i + 1 < max_new_tokens: logits = decoder.step(token, len(tokens) + i)
+    return out
+  decoder = decoder_for(model, max(map(len, prompts)) + max_new_tokens, tuple(adapter_names))
+  outs, done = [[] for _ in prompts], [max_new_tokens == 0] * len(prompts)
+  fed = [p[0] for p in prompts]
+  for pos in range(max(map(len, prompts)) + max_new_tokens - 1):
+    if all(done): break
+    logits = decoder.step_rows(fed, pos)
+    for r, prompt in enumerate(prompts):
+      if pos + 1 < len(prompt): fed[r] = prompt[pos + 1]
+      elif not done[r]:
+        token = sample(logits[r], temperature, top_p, rng)
+        if token in stop: done[r] = True
+        else: outs[r].append(token)
+        done[r] = done[r] or len(outs[r]) == max_new_tokens
+        fed[r] = token
+  return outs
