@@ -8,7 +8,7 @@ from tinygrad import Tensor, nn
 import tinylora as tl
 from tinylora import LoraConfig, LoraError
 from tinylora.adapter import config_from_peft, detect_format, peft_config_dict
-from tinylora.io import DIGEST, read_json, read_safetensors
+from tinylora.io import DIGEST, read_json, read_safetensors, write_safetensors
 from tinylora.train import Trainer, TrainConfig
 from conftest import Block, Inner, TinyLM
 
@@ -519,6 +519,13 @@ def test_invalid_json_names_the_file(base, adapter_files, tmp_path, text, messag
   write_adapter(tmp_path, adapter_files["peft"] | {"adapter_config.json": text if isinstance(text, bytes) else text.encode()})
   with pytest.raises(LoraError, match=rf"adapter_config\.json: {message}"): tl.load_adapter(base.model, tmp_path)
   base.assert_untouched()
+
+@pytest.mark.parametrize("array", [np.zeros(2, np.complex64), np.array([1.5], np.longdouble), np.array(["a"])],
+                         ids=["complex64", "longdouble", "str"])
+def test_unsupported_save_dtypes_are_refused_before_writing(tmp_path, array):
+  with pytest.raises(LoraError, match=rf"tensor 'x': dtype {array.dtype} cannot be written to safetensors"):
+    write_safetensors(tmp_path / "t.safetensors", {"w": np.zeros(2, np.float32), "x": array})
+  assert not any(tmp_path.iterdir())
 
 def test_unknown_format_and_missing_files(base, adapter_files, tmp_path):
   write_adapter(tmp_path, adapter_files["peft"])
