@@ -54,19 +54,18 @@ def replicas(t: Tensor) -> list[np.ndarray]:
   """The copy of t on each device."""
   return [b.numpy().reshape(t.shape) for b in t.uop.buffer.bufs]
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-  trainer = Trainer(make_model(), TRAIN, devices=ONE)
+def trained(devices: tuple[str, ...], tmp_path_factory) -> tuple[Trainer, np.ndarray, object]:
+  """A Trainer after STEPS steps on `devices`, its (loss, norm) history and the folder of its saved adapter."""
+  trainer = Trainer(make_model(), TRAIN, devices=devices)
   history = run(trainer, range(STEPS))
-  tl.save_adapter(trainer.model, path := tmp_path_factory.mktemp("single"))
+  tl.save_adapter(trainer.model, path := tmp_path_factory.mktemp("adapter"))
   return trainer, history, path
 
 @pytest.fixture(scope="module")
-def parallel(tmp_path_factory):
-  trainer = Trainer(make_model(), TRAIN, devices=DEVICES)
-  history = run(trainer, range(STEPS))
-  tl.save_adapter(trainer.model, path := tmp_path_factory.mktemp("parallel"))
-  return trainer, history, path
+def single(tmp_path_factory): return trained(ONE, tmp_path_factory)
+
+@pytest.fixture(scope="module")
+def parallel(tmp_path_factory): return trained(DEVICES, tmp_path_factory)
 
 def test_trajectory_and_saved_adapter_equal_one_device(single, parallel):
   (_, ref, ref_path), (trainer, got, path) = single, parallel
