@@ -101,6 +101,12 @@ def test_one_decoder_serves_every_prompt_until_the_model_changes():
 def test_a_shared_prompt_prefix_is_not_computed_again(model):
   from tinylora.generate import decoder_for
   decoder = decoder_for(model, 16)
+  generate(model, PROMPT + [5, 6], 1)
+  calls = decoder.jit.cnt
+  generate(model, PROMPT + [7], 1)
+  assert decoder.jit.cnt == calls + len(PROMPT) + 1  # without cache_prompt, the whole prompt runs again
+  generate(model, PROMPT + [5, 6], 1, cache_prompt=True)
+  assert decoder.jit.cnt == calls + len(PROMPT) + 1 + 2  # with it, only what differs from the cached PROMPT + [7]
   decoder.prefill(PROMPT + [5, 6])
   calls = decoder.jit.cnt
   logits = decoder.prefill(PROMPT + [7])

@@ -2,7 +2,8 @@
 
 Each model keeps one decoder (cache + jitted step) between calls, and prompts are fed through that same step one token
 at a time, so every prompt length and every call replays the same kernels instead of compiling a prefill graph per
-prompt length and a new step per call. The decoder is rebuilt when the model's modules change (injection, merge,
+prompt length and a new step per call. With `cache_prompt=True` a prompt prefix the cache already holds is not
+computed again. The decoder is rebuilt when the model's modules change (injection, merge,
 unload, enabling or disabling adapters) or a longer sequence is asked for: a LoRA-injected model generates with its
 adapters as they are when `generate` is called.
 """
@@ -79,9 +80,11 @@ def decoder_for(model: Model, length: int, adapter_names: tuple[str, ...] | None
 
 def generate(model: Model, tokens: list[int] | list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, stop_tokens: Iterable[int] = (), seed: int | None = None,
-             adapter_names: list[str] | None = None) -> list[int] | list[list[int]]:
+             adapter_names: list[str] | None = None, cache_prompt: bool = False) -> list[int] | list[list[int]]:
   """Returns up to `max_new_tokens` new tokens following `tokens` (the prompt is not repeated). Generation stops early
-  at the first token in `stop_tokens`, which is not included. `seed` makes sampling reproducible.
+  at the first token in `stop_tokens`, which is not included. `seed` makes sampling reproducible. `cache_prompt=True`
+  reuses the keys and values the previous call left for a shared prompt prefix (e.g. a system prompt): only valid while
+  no weight changed since that call (training, merging, loading), which the decoder cannot see.
   With `adapter_names` (one adapter name per row, "__base__" for none), `tokens` is a list of prompts, one per name, and
   the result one list of new tokens per row: every row decodes with its own adapter in one batched pass per step (the
   rows sit at the same positions, each fed its own prompt and then its own samples)."""
@@ -100,6 +103,7 @@ def generate(model: Model, tokens: list[int] | list[list[int]], max_new_tokens: 
   if adapter_names is None:
     if max_new_tokens == 0: return []
     decoder = decoder_for(model, len(tokens) + max_new_tokens)
+    if not cache_prompt: decoder.tokens = []
     logits, out = decoder.prefill(tokens), []
     for i in range(max_new_tokens):
       token = sample(logits, temperature, top_p, rng)
