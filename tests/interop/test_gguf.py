@@ -69,7 +69,7 @@ def test_written_gguf_loads_in_transformers(needs_transformers, written):
                logits["adapted"], atol=1e-3)
 
 def llama_cpp_logits(model: pathlib.Path, tokens: list[int], lora: pathlib.Path | None = None) -> np.ndarray:
-  llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run installs it)")
+  llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install llama-cpp-python (builds llama.cpp, ~10 min on 2 cores)")
   llm = llama_cpp.Llama(str(model), n_ctx=64, logits_all=True, verbose=False, lora_path=str(lora) if lora else None,
                         type_k=0, type_v=0)  # float32 KV cache, as tinylora's
   llm.eval(tokens)
