@@ -529,8 +529,8 @@ def test_unsupported_save_dtypes_are_refused_before_writing(tmp_path, array):
 
 def test_unknown_format_and_missing_files(base, adapter_files, tmp_path):
   write_adapter(tmp_path, adapter_files["peft"])
-  with pytest.raises(LoraError, match="unknown adapter format 'gguf': expected 'peft' or 'mlx'"):
-    tl.load_adapter(base.model, tmp_path, format="gguf")
+  with pytest.raises(LoraError, match="unknown adapter format 'onnx': expected 'peft' or 'mlx'"):
+    tl.load_adapter(base.model, tmp_path, format="onnx")
   write_adapter(tmp_path / "mlx", adapter_files["mlx"] | {WEIGHTS["mlx"]: None})
   with pytest.raises(FileNotFoundError, match="adapters.safetensors"): tl.load_adapter(base.model, tmp_path / "mlx")
   with pytest.raises(FileNotFoundError, match="adapter directory not found"):
@@ -538,7 +538,7 @@ def test_unknown_format_and_missing_files(base, adapter_files, tmp_path):
   base.assert_untouched()
   model = tl.inject(base.model, SMALL)
   try:
-    with pytest.raises(LoraError, match="unknown adapter format 'gguf'"): tl.save_adapter(model, tmp_path / "new", format="gguf")
+    with pytest.raises(LoraError, match="unknown adapter format 'onnx'"): tl.save_adapter(model, tmp_path / "new", format="onnx")
     assert not (tmp_path / "new").exists()
   finally: tl.unload(model)
 
