@@ -87,6 +87,8 @@ def parse_args() -> argparse.Namespace:
   p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
   p.add_argument("--seq-len", type=int)
   p.add_argument("--grad-clip", type=float, default=1.0)
+  p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="the base model's dtype (LoRA tensors and "
+                 "optimizer state stay float32; float16 trains with a loss scale); default: float32, or float16 with --qlora")
   p.add_argument("--grad-checkpoint", action="store_true", help="recompute each layer in the backward (less memory)")
   p.add_argument("--val-every", type=int, default=10)
   p.add_argument("--save-every", type=int, default=50)
@@ -101,12 +103,13 @@ def parse_args() -> argparse.Namespace:
   return args
 
 def load(args) -> tuple[Model, object, str]:
-  if args.model == "tiny": return Model.from_config(TINY_MODEL), ByteTokenizer(), "tiny"
+  dtype = getattr(dtypes, args.dtype) if args.dtype else None
+  if args.model == "tiny": return Model.from_config(TINY_MODEL, dtype=dtype or dtypes.float32), ByteTokenizer(), "tiny"
   path = pathlib.Path(args.model) if args.model else smollm2_gguf()
   if path.suffix == ".gguf":
     # float32 unless --qlora: on the CPU, float32 steps are the fastest (bench/RESULTS.md)
-    model = load_pretrained(path, dtype=dtypes.float16 if args.qlora else dtypes.float32, dequantize=not args.qlora)
-  else: model = load_pretrained(path)
+    model = load_pretrained(path, dtype=dtype or (dtypes.float16 if args.qlora else dtypes.float32), dequantize=not args.qlora)
+  else: model = load_pretrained(path, dtype=dtype)
   return model, load_tokenizer(path), path.name
 
 def prompt_of(row: dict, tokenizer) -> str:

@@ -16,6 +16,7 @@ from tinylora.errors import LoraError
 from tinylora.io import check_arrays, read_json, read_safetensors, write_json, write_safetensors
 from tinylora.device_policy import cpu_matmul_shapes
 from tinylora.lora import lora_layers, trainable_parameters
+from tinylora.precision import LossScale, check_dtype
 
 def lm_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
   """Mean next-token cross-entropy over the positions where mask is 1 (prompt and padding have mask 0)."""
@@ -79,7 +80,11 @@ class Trainer:
 
   `devices=("CUDA:0", "CUDA:1", ...)` trains data parallel: the model (frozen base and adapter) is copied onto every
   device, each micro-batch is split along its batch axis, and tinygrad sums the LoRA gradients across the devices
-  inside the same TinyJit'd step; the update is the one a single device computes for the whole batch."""
+  inside the same TinyJit'd step; the update is the one a single device computes for the whole batch.
+
+  A float16 or bfloat16 base trains as it is, the LoRA tensors, gradients and AdamW state in float32. With a float16
+  base the loss is scaled (`loss_scale`, tinylora.precision.LossScale): a step whose gradients overflow float16 is
+  skipped (`last_skipped`, no update, `step` unchanged) and lowers the scale."""
   def __init__(self, model: Any, config: TrainConfig, loss_fn: Callable[[Any, Tensor, Tensor, Tensor], Tensor] | None = None,
                devices: str | Sequence[str] | None = None):
     self.model, self.config, self.step = model, config, 0
@@ -91,6 +96,10 @@ class Trainer:
       if not hasattr(model, "grad_checkpoint"): raise LoraError(f"{type(model).__name__} does not support grad_checkpoint")
       model.grad_checkpoint = True
     self.loss_fn = loss_fn or (lambda m, tokens, targets, mask: lm_loss(m(tokens), targets, mask))
+    base_dtypes = {t.dtype for t in nn.state.get_parameters(model)}
+    if dtypes.bfloat16 in base_dtypes: check_dtype(dtypes.bfloat16, self.params[0].device if self.devices is None else self.devices[0])
+    self.loss_scale = LossScale() if dtypes.float16 in base_dtypes else None
+    self.last_skipped = False
     self.opt = nn.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
     # real buffers now, so checkpoints can be restored into them before the first step
     self.opt.m, self.opt.v = [[t.contiguous().realize() for t in ts] for ts in (self.opt.m, self.opt.v)]
@@ -101,10 +110,12 @@ class Trainer:
     self._eval = TinyJit(cpu_matmul_shapes()(lambda tokens, targets, mask: self.loss_fn(self.model, tokens, targets, mask).realize()))
     self.shape: tuple | None = None
 
-  def _accumulate_fn(self, tokens: Tensor, targets: Tensor, mask: Tensor, keep: Tensor) -> Tensor:
+  def _accumulate_fn(self, tokens: Tensor, targets: Tensor, mask: Tensor, keep: Tensor, scale: Tensor | None = None) -> Tensor:
     loss = self.loss_fn(self.model, tokens, targets, mask)
+    # float16: the backward runs on loss * scale, whose gradients are divided by it again in float32
+    grads = loss.gradient(*self.params) if scale is None else [d / scale[0] for d in (loss * scale[0]).gradient(*self.params)]
     # where, not g * keep: a refused step's nan would survive multiplication by 0 and poison every later step
-    acc = [g.assign((keep != 0).where(g, 0) + d) for g, d in zip(self.grads, loss.gradient(*self.params))]
+    acc = [g.assign((keep != 0).where(g, 0) + d) for g, d in zip(self.grads, grads)]
     norm = Tensor.stack(*[a.float().square().sum() for a in acc]).sum().sqrt()
     return Tensor.stack(loss.float(), norm).realize(*acc)
 
@@ -149,19 +160,26 @@ class Trainer:
     if shape != self.shape: raise LoraError(f"batch shapes changed from {self.shape} to {shape}; pad every batch to one shape")
 
   def train_step(self, batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[float, float]:
-    """One optimizer step over `accum_steps` micro-batches of (tokens, targets, mask); returns (mean loss, grad norm)."""
+    """One optimizer step over `accum_steps` micro-batches of (tokens, targets, mask); returns (mean loss, grad norm).
+    With a float16 base, gradients that overflow skip the step (`last_skipped`; the grad norm returned is not finite)."""
     if len(batches) != self.config.accum_steps:
       raise LoraError(f"train_step got {len(batches)} micro-batches, expected accum_steps={self.config.accum_steps}")
-    losses = []
+    losses, self.last_skipped = [], False
+    scale = () if self.loss_scale is None else (self._put(Tensor([self.loss_scale.value])),)
     with Context(TRAINING=1):
       for i, batch in enumerate(batches):
-        loss, norm = self._accumulate(*self._batch(*batch), self._put(Tensor([0.0 if i == 0 else 1.0]))).numpy().tolist()
+        loss, norm = self._accumulate(*self._batch(*batch), self._put(Tensor([0.0 if i == 0 else 1.0])), *scale).numpy().tolist()
+        if self.loss_scale is not None and math.isfinite(loss) and not math.isfinite(norm):
+          self.loss_scale.update(overflow=True, step=self.step + 1)  # raises after max_skips in a row
+          self.last_skipped = True
+          return loss, norm
         if not (math.isfinite(loss) and math.isfinite(norm)):
           raise LoraError(f"step {self.step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'} "
                           f"(loss={loss}, grad norm={norm}); no update was applied and nothing was saved")
         losses.append(loss)
       c = self.config
       grad_norm = self._apply(self._put(Tensor([cosine_lr(self.step, c.lr, c.iters, c.warmup, c.min_lr_ratio)]))).item()
+    if self.loss_scale is not None: self.loss_scale.update(overflow=False, step=self.step + 1)
     self.step += 1
     return sum(losses) / len(losses), grad_norm
 
@@ -183,7 +201,8 @@ class Trainer:
     opt = {f"m.{i}": m for i, m in enumerate(self.opt.m)} | {f"v.{i}": v for i, v in enumerate(self.opt.v)}
     opt |= {"b1_t": self.opt.b1_t, "b2_t": self.opt.b2_t}
     write_safetensors(ckpt / "optimizer.safetensors", {k: t.numpy() for k, t in opt.items()})
-    write_json(ckpt / "trainer_state.json", {"step": self.step, "config": asdict(self.config), **(extra or {})})
+    scale = {} if self.loss_scale is None else {"loss_scale": self.loss_scale.value}
+    write_json(ckpt / "trainer_state.json", {"step": self.step, "config": asdict(self.config), **scale, **(extra or {})})
     write_json(directory / "latest.json", {"checkpoint": ckpt.name})
     for old in sorted(directory.glob("step_*"))[:-keep]:
       if old != ckpt: shutil.rmtree(old, ignore_errors=True)
@@ -208,6 +227,7 @@ class Trainer:
     check_arrays(str(ckpt), arrays, {k: t.shape for k, t in targets.items()}, floats=True)  # all before any is assigned
     for k, t in targets.items(): t.assign(Tensor(arrays[k].astype(np.float32), dtype=t.dtype, device=t.device)).realize()
     self.step = int(state["step"])
+    if self.loss_scale is not None and is_number(state.get("loss_scale")): self.loss_scale.value = float(state["loss_scale"])
     return state
 
 def fit(trainer: Trainer, train: list[Example], valid: list[Example] | None, batch_size: int, seq_len: int, seed: int = 0,
@@ -216,7 +236,8 @@ def fit(trainer: Trainer, train: list[Example], valid: list[Example] | None, bat
   """Runs `trainer` from its current step to `config.iters` on fixed-shape batches drawn by (seed, step), with a progress
   bar (loss, tokens/s, ETA), validation every `val_every` steps and checkpoints every `save_every` steps (and at the
   end), keeping the newest `keep`. Returns one record per step: step, loss, grad_norm, lr, tokens_per_s, elapsed_s,
-  and val_loss where measured."""
+  and val_loss where measured; with a float16 base also loss_scale, and a step skipped for a float16 overflow has a
+  record with skipped=True (then the same step runs again at the lowered scale)."""
   c, history = trainer.config, []
   valid_b = eval_batches(valid, batch_size, seq_len, pad_id, val_batches) if valid else []
   bar = tqdm(total=c.iters, desc="train", disable=not progress)
@@ -230,6 +251,10 @@ def fit(trainer: Trainer, train: list[Example], valid: list[Example] | None, bat
     record = {"step": trainer.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
               "tokens_per_s": tokens / (time.perf_counter() - start)}
     record["elapsed_s"] = time.perf_counter() - start  # since fit began, before validation and checkpointing
+    if trainer.loss_scale is not None: record["loss_scale"] = trainer.loss_scale.value
+    if trainer.last_skipped:
+      history.append(record | {"step": trainer.step + 1, "skipped": True})
+      continue
     if trainer.step == 1: record["first_step_s"] = record["elapsed_s"]
     if valid_b and (trainer.step % val_every == 0 or trainer.step == c.iters):
       record["val_loss"] = trainer.evaluate(valid_b)

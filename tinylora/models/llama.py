@@ -16,7 +16,8 @@ from tinygrad.helpers import TRAINING
 from tinygrad.dtype import DType
 from tinylora.errors import LoraError
 from tinylora.lora import mixed_batch
-from tinylora.tree import named_modules
+from tinylora.precision import check_dtype
+from tinylora.tree import named_modules, unique_state_dict
 from tinylora.device_policy import base_forward
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -235,10 +236,13 @@ class Model:
     if config.tie_word_embeddings: self.lm_head.weight = self.model.embed_tokens.weight
 
   @classmethod
-  def from_config(cls, config: dict | ModelConfig) -> Model:
-    """A randomly initialised model from an HF `config.json` dict (or a ModelConfig), its weights realized so that
-    every forward reads the same values instead of recomputing the lazy random init."""
+  def from_config(cls, config: dict | ModelConfig, dtype: DType = dtypes.float32) -> Model:
+    """A randomly initialised model from an HF `config.json` dict (or a ModelConfig) with its weights in `dtype`
+    (float32, float16 or bfloat16; see tinylora.precision), realized so that every forward reads the same values
+    instead of recomputing the lazy random init."""
     model = cls(config if isinstance(config, ModelConfig) else ModelConfig.from_hf(config))
+    if check_dtype(dtype) != dtypes.float32:
+      for t in unique_state_dict(model).values(): t.replace(t.cast(dtype))  # in place: a tied lm_head stays tied
     Tensor.realize(*nn.state.get_parameters(model))
     return model
 

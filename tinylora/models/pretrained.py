@@ -2,7 +2,8 @@
 
 dtype policy: with `dtype=None` a model whose file holds only float16 tensors loads as float16 and anything else
 (float32, bfloat16, mixed) as float32, because bfloat16 kernels do not compile on every tinygrad CPU backend. Pass
-`dtype` to force one (bfloat16 only where the backend compiles it). Integer tensors (quantized weights) keep their dtype.
+`dtype` to force one (bfloat16 only where the backend compiles it: tinylora.precision.check_dtype says what to install
+otherwise). Integer tensors (quantized weights) keep their dtype.
 """
 from __future__ import annotations
 import os, pathlib
@@ -12,6 +13,7 @@ from tinygrad.dtype import DType
 from tinylora.errors import LoraError
 from tinylora.io import check_arrays, read_json, read_safetensors, write_json, write_safetensors
 from tinylora.models.llama import Model, ModelConfig
+from tinylora.precision import check_dtype
 from tinylora.tree import unique_state_dict
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older Llama checkpoints saved; recomputed here
@@ -23,6 +25,7 @@ def load_pretrained(path: str | os.PathLike, dtype: DType | None = None, dequant
   directory or file and LoraError for an unsupported config or weights that do not match it (missing, unexpected or
   mis-shaped keys)."""
   path = pathlib.Path(path)
+  if dtype is not None: check_dtype(dtype)  # before any file is read: bfloat16 may not compile here
   if path.suffix == ".gguf":
     from tinylora.models.gguf import load_gguf
     return load_gguf(path, dtype, dequantize)
