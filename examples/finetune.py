@@ -19,7 +19,7 @@ from tinylora.data import encode_example, eval_batches, load_dataset
 from tinylora.generate import generate
 from tinylora.models import Model, load_pretrained, save_pretrained
 from tinylora.tokenizer import ByteTokenizer, load_tokenizer
-from tinylora.train import Trainer, TrainConfig, fit
+from tinylora.train import Trainer, TrainConfig, fit, to_devices
 
 # ---- the default task: facts about an invented island, asked in phrasings kept out of training
 ISLAND = "Marrowick"
@@ -90,6 +90,8 @@ def parse_args() -> argparse.Namespace:
   p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="the base model's dtype (LoRA tensors and "
                  "optimizer state stay float32; float16 trains with a loss scale); default: float32, or float16 with --qlora")
   p.add_argument("--grad-checkpoint", action="store_true", help="recompute each layer in the backward (less memory)")
+  p.add_argument("--devices", help="comma-separated devices to train on data parallel, e.g. CUDA:0,CUDA:1; "
+                                   "--batch-size must be a multiple of their count")
   p.add_argument("--val-every", type=int, default=10)
   p.add_argument("--save-every", type=int, default=50)
   p.add_argument("--no-mask-prompt", action="store_true", help="train on the prompt tokens too")
@@ -97,7 +99,7 @@ def parse_args() -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()
   tiny = args.model == "tiny"  # per-model defaults: the random-init demo needs many more, faster steps
-  for name, real, demo in (("lr", 2e-3, 3e-3), ("iters", 30, 150), ("seq_len", 64, 48)):
+  for name, real, demo in (("lr", 2e-3, 3e-3), ("iters", 20, 150), ("seq_len", 64, 48)):
     if getattr(args, name) is None: setattr(args, name, demo if tiny else real)
   if tiny and args.batch_size == 4: args.batch_size = 8
   return args
@@ -122,8 +124,10 @@ def expected_of(row: dict) -> str:
 
 def judge(model: Model, tokenizer, rows: list[dict]) -> tuple[float, list[str]]:
   """Greedy answers to the held-out prompts and the fraction that contain the expected answer word."""
+  # cache_prompt from the second prompt on: the system prompt's keys and values are computed once per judging
   answers = [tokenizer.decode(generate(model, tokenizer.encode(prompt_of(r, tokenizer)), max_new_tokens=16,
-                                       stop_tokens=[tokenizer.eos_id]), skip_special_tokens=True).strip() for r in rows]
+                                       stop_tokens=[tokenizer.eos_id], cache_prompt=i > 0), skip_special_tokens=True).strip()
+             for i, r in enumerate(rows)]
   hits = [expected_of(r).lower() in a.lower() for r, a in zip(rows, answers)]
   return sum(hits) / max(1, len(hits)), answers
 
@@ -143,6 +147,7 @@ def main() -> None:
     train_rows, heldout = color_dataset(args.seed) if args.model == "tiny" else island_dataset(args.seed)
     train = [encode_example(r, tokenizer, mask) for r in train_rows]
     valid = [encode_example(r, tokenizer, mask) for r in heldout]
+  model.layers_as_functions = True  # 30 layers: compile one layer's kernels instead of thirty (tinylora/models/llama.py)
   if too_long := [len(t) for t, _ in train + valid if len(t) > args.seq_len + 1]:
     print(f"note: {len(too_long)} examples are longer than --seq-len {args.seq_len} and are truncated")
 
@@ -159,7 +164,8 @@ def main() -> None:
   accuracy_before, answers_before = judge(model, tokenizer, heldout)
   timings["judge_before_s"] = time.perf_counter() - t
   trainer = Trainer(model, TrainConfig(lr=args.lr, iters=args.iters, warmup=args.warmup, grad_clip=args.grad_clip,
-                                       accum_steps=args.accum, grad_checkpoint=args.grad_checkpoint))
+                                       accum_steps=args.accum, grad_checkpoint=args.grad_checkpoint),
+                    devices=args.devices.split(",") if args.devices else None)
   if args.resume: print(f"resumed at step {trainer.load_checkpoint(out / 'checkpoints')['step']}")
   valid_b = eval_batches(valid, args.batch_size, args.seq_len, tokenizer.pad_id)
   val_before = trainer.evaluate(valid_b)
@@ -167,6 +173,7 @@ def main() -> None:
   history = fit(trainer, train, valid, args.batch_size, args.seq_len, seed=args.seed, pad_id=tokenizer.pad_id,
                 val_every=args.val_every, checkpoint_dir=out / "checkpoints", save_every=args.save_every)
   train_seconds = time.perf_counter() - train_start
+  if args.devices: to_devices(model, Device.DEFAULT)  # judging, logits and merging run on one device
   val_after = next((h["val_loss"] for h in reversed(history) if "val_loss" in h), val_before)
   t = time.perf_counter()
   accuracy_after, answers_after = judge(model, tokenizer, heldout)
@@ -193,18 +200,19 @@ def main() -> None:
     gguf_logits = load_pretrained(out / "merged-f16.gguf", dtype=dtypes.float32)(Tensor([prompt])).numpy()
     print(f"saved {out / 'adapter.gguf'} (llama.cpp LoRA) and {out / 'merged-f16.gguf'}; max |f16 GGUF - adapter| "
           f"logits = {np.abs(gguf_logits - adapted).max():.2e}")
-    question = json.dumps(heldout[0]["messages"][-2]["content"]) if "messages" in heldout[0] else "'...'"
-    base = shlex.quote(str(pathlib.Path(args.model) if args.model else smollm2_gguf()))
+    question = heldout[0]["messages"][-2]["content"] if "messages" in heldout[0] else prompt_of(heldout[0], tokenizer)
+    base = pathlib.Path(args.model) if args.model else smollm2_gguf()
+    pipeline = (f"from transformers import pipeline; chat = pipeline('text-generation', {str(out / 'merged-hf')!r}); "
+                f"print(chat([{{'role': 'user', 'content': {question!r}}}])[0]['generated_text'][-1]['content'])")
     print("run them:\n"
-          f"  llama-cli -m {out / 'merged-f16.gguf'} -cnv -p {question}\n"
-          f"  llama-cli -m {base} --lora {out / 'adapter.gguf'} -cnv -p {question}\n"
-          f"  python -c \"from transformers import pipeline; print(pipeline('text-generation', '{out / 'merged-hf'}')("
-          f"[{{'role': 'user', 'content': {question}}}])[0]['generated_text'][-1])\"")
+          f"  llama-cli -m {shlex.quote(str(out / 'merged-f16.gguf'))} -cnv -p {shlex.quote(question)}\n"
+          f"  llama-cli -m {shlex.quote(str(base))} --lora {shlex.quote(str(out / 'adapter.gguf'))} -cnv -p {shlex.quote(question)}\n"
+          f"  python3 -c {shlex.quote(pipeline)}")
 
   timings["save_s"] = time.perf_counter() - t
   steps_run = len(history)
   step_times = np.diff([h["elapsed_s"] for h in history]) if len(history) > 2 else []
-  metrics = {"model": model_name, "device": Device.DEFAULT, "steps": trainer.step, "batch_size": args.batch_size,
+  metrics = {"model": model_name, "device": args.devices or Device.DEFAULT, "steps": trainer.step, "batch_size": args.batch_size,
              "seq_len": args.seq_len, "train_tokens_per_s": steps_run * args.batch_size * args.seq_len * args.accum / train_seconds,
              "first_step_s": history[0].get("first_step_s") if history else None,
              "step_s_median": float(np.median(step_times[1:])) if len(step_times) > 1 else None, "train_s": train_seconds,

@@ -5,7 +5,6 @@ import numpy as np, pytest
 from tinygrad import GlobalCounters, Tensor
 from tinygrad.helpers import Context
 import tinylora as tl
-import tinylora.models.llama as llama
 from tinylora.errors import LoraError
 from tinylora.memory import peak_memory
 from tinylora.models import Model
@@ -15,27 +14,25 @@ CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hid
               num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=False)
 TOKENS = np.random.default_rng(0).integers(0, 128, (2, 32)).astype(np.int32)
 
-def step(mode: str, monkeypatch) -> tuple[float, list[np.ndarray], int, int]:
+def step(mode: str) -> tuple[float, list[np.ndarray], int, int]:
   """(loss, LoRA gradients, FLOPs, peak bytes) of one forward + backward with the layers run as `mode`."""
   Tensor.manual_seed(0)
   model = Model.from_config(CONFIG)
   tl.inject(model, tl.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-  with monkeypatch.context() as m:
-    if mode == "inline": m.setattr(llama, "_callable_as_function", lambda layer: False)
-    model.grad_checkpoint = mode == "checkpoint"
-    params = tl.trainable_parameters(model)
-    GlobalCounters.reset()
-    with Context(TRAINING=1), peak_memory() as peak:
-      loss = model(Tensor(TOKENS)).logsumexp(-1).mean()
-      grads = loss.gradient(*params)
-      Tensor.realize(loss, *grads)
-    flops = GlobalCounters.global_ops  # read first: reading a function's outputs again may run it again
+  model.layers_as_functions, model.grad_checkpoint = mode == "function", mode == "checkpoint"
+  params = tl.trainable_parameters(model)
+  GlobalCounters.reset()
+  with Context(TRAINING=1), peak_memory() as peak:
+    loss = model(Tensor(TOKENS)).logsumexp(-1).mean()
+    grads = loss.gradient(*params)
+    Tensor.realize(loss, *grads)
+  flops = GlobalCounters.global_ops  # read first: reading a function's outputs again may run it again
   return loss.item(), [g.numpy() for g in grads], flops, peak.added
 
-def test_function_and_checkpointed_layers_equal_inlined_layers(monkeypatch):
-  loss, grads, flops, mem = step("inline", monkeypatch)
-  f_loss, f_grads, f_flops, f_mem = step("function", monkeypatch)
-  c_loss, c_grads, c_flops, c_mem = step("checkpoint", monkeypatch)
+def test_function_and_checkpointed_layers_equal_inlined_layers():
+  loss, grads, flops, mem = step("inline")
+  f_loss, f_grads, f_flops, f_mem = step("function")
+  c_loss, c_grads, c_flops, c_mem = step("checkpoint")
   assert loss == f_loss == c_loss
   for g, f, c in zip(grads, f_grads, c_grads):
     np.testing.assert_allclose(f, g, rtol=1e-6, atol=1e-7)

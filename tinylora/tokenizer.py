@@ -122,7 +122,8 @@ def load_tokenizer(path: str | os.PathLike) -> HFTokenizer:
     return gguf_tokenizer(read_gguf(file)[0], str(file))
   config_file = file.parent / "tokenizer_config.json"
   config = read_json(config_file) if config_file.exists() else {}
-  try: tokenizer = _tokenizers().Tokenizer.from_file(str(file))
+  tokenizers = _tokenizers()
+  try: tokenizer = tokenizers.Tokenizer.from_file(str(file))
   except Exception as e: raise LoraError(f"{file}: not a valid tokenizer.json ({e})") from e
   return HFTokenizer(tokenizer, config)
 

@@ -9,7 +9,7 @@ and a float16 scale (and min), so they are repacked, without rounding, into `tin
 (multiplying a float16 by a power of two is exact, and the dequantized values computed in float32 equal llama.cpp's).
 """
 from __future__ import annotations
-import io, json, os, pathlib, re, types
+import io, json, os, pathlib, re, struct, types
 from dataclasses import dataclass
 import numpy as np
 from tinygrad import Tensor, dtypes
@@ -66,7 +66,7 @@ def _read_header(path: pathlib.Path) -> tuple[dict, list[TensorInfo]]:
              for _ in range(n_tensors)]
       alignment = kv.get("general.alignment", 32)
       start = -(-r.tell() // alignment) * alignment
-  except (EOFError, UnicodeDecodeError, ValueError, MemoryError, OverflowError) as e:  # struct.error is a ValueError
+  except (EOFError, UnicodeDecodeError, ValueError, MemoryError, OverflowError, struct.error) as e:
     raise LoraError(f"{path}: truncated or corrupt GGUF header ({type(e).__name__}: {e})") from None
   infos = []
   for name, dims, typ, off in raw:

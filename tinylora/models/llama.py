@@ -195,7 +195,7 @@ class DecoderLayer:
     if saved is not None: saved += [normed, h, post]
     return h + self.mlp(post, saved)
 
-# A full-sequence decoder layer runs as a tinygrad `function` with the layer object as an argument, so its weights and
+# A full-sequence decoder layer can run as a tinygrad `function` with the layer object as an argument, so its weights and
 # adapters are explicit inputs: every layer calls one body, whose forward and backward kernels are scheduled and
 # compiled once instead of once per layer. Its materialised intermediates are returned as extra outputs, which the
 # backward reuses instead of recomputing the forward; the checkpointed variant returns only the output, so the
@@ -230,7 +230,10 @@ class Model:
   [start_pos, start_pos+T), stores their keys and values and attends to everything cached before them."""
   def __init__(self, config: ModelConfig):
     self.config = config
-    self.grad_checkpoint = False  # recompute each decoder layer in the backward instead of keeping its activations
+    # run each full-sequence decoder layer as one tinygrad function, whose kernels are scheduled and compiled once for
+    # all layers (a faster first step on deep models; its backward recomputes what the layer does not return, such as
+    # LoRA's rank-r products: a few % more FLOPs); grad_checkpoint also recomputes the layer's activations in the backward
+    self.layers_as_functions, self.grad_checkpoint = False, False
     self.model = Backbone(config)
     self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
     if config.tie_word_embeddings: self.lm_head.weight = self.model.embed_tokens.weight
@@ -270,7 +273,7 @@ class Model:
     cos, sin = cos[start_pos:start_pos + T].cast(self.dtype), sin[start_pos:start_pos + T].cast(self.dtype)
     x = self.model.embed_tokens(tokens)
     for layer in self.model.layers:
-      if cache is None and _callable_as_function(layer):
+      if cache is None and (self.layers_as_functions or self.grad_checkpoint) and _callable_as_function(layer):
         x = _checkpointed_layer(layer, x, cos, sin) if self.grad_checkpoint else _layer(layer, x, cos, sin)[0]
       else: x = layer(x, cos, sin, start_pos, cache)
     return base_forward(self.lm_head, self.model.norm(x).contiguous()).float()
