@@ -16,7 +16,9 @@ from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 from tinygrad.llm.gguf import _GGML_QUANT, ggml_data_to_tensor, read_int32, read_int64, read_str, read_uint32, read_uint64, readers
 from tinylora.errors import LoraError
-from tinylora.quant import dequantize_array, pack_array
+from tinylora.io import atomic_path
+from tinylora.quant import QuantizedEmbedding, QuantizedLinear, dequantize_array, pack_array, prepare_quantized
+from tinylora.tree import named_modules, unique_state_dict
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "BF16": 30}
@@ -187,7 +189,6 @@ def load_gguf(path: str | os.PathLike, dtype: DType | None = None, dequantize: b
   tinylora.quant layers unless `dequantize`; every other tensor is dequantized to `dtype` (default float16)."""
   from tinylora.models.llama import Model, ModelConfig
   from tinylora.models.pretrained import assign_weights
-  from tinylora.quant import prepare_quantized
   kv, tensors = read_gguf(path)
   config = config_from_gguf(kv, tensors, str(path))
   weights, quantization = read_weights(kv, tensors, config, str(path), dequantize)
@@ -223,9 +224,6 @@ def _qk_heads(config, key: str) -> int | None:
 def write_model(model, path: str | os.PathLike, quantization: str, tokenizer_metadata: dict) -> None:
   """Writes a merged model as one GGUF file, atomically: 2-D weights in `quantization` (rows that do not divide into
   32-weight blocks stay float16), norms and biases float32, as llama.cpp's converter writes them."""
-  from tinylora.io import atomic_path
-  from tinylora.quant import QuantizedEmbedding, QuantizedLinear
-  from tinylora.tree import named_modules
   gguf = _gguf()
   if quantization not in QUANTIZATIONS:
     raise LoraError(f"unknown GGUF quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
@@ -233,7 +231,6 @@ def write_model(model, path: str | os.PathLike, quantization: str, tokenizer_met
   if c.rope_scaling: raise LoraError("llama3 RoPE scaling cannot be written to GGUF yet (llama.cpp stores it as rope_freqs)")
   weights = {}
   packed = {p: m for p, m, _, _ in named_modules(model) if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
-  from tinylora.tree import unique_state_dict
   for key, t in unique_state_dict(model).items():
     module, kind = key.rsplit(".", 1)
     if module in packed:
@@ -267,7 +264,6 @@ def write_adapter(layers: dict, config, path: str | os.PathLike) -> None:
   LoRA adapter (convert_lora_to_gguf.py's format, loaded with `--lora`): tensors `<gguf name>.lora_a` (r, in) and
   `.lora_b` (out, r) in float32, llama's Q/K rows permuted on B, and adapter.lora.alpha such that llama.cpp's scale
   alpha / r equals each layer's scale (folded into B where layers differ in rank or scale)."""
-  from tinylora.io import atomic_path
   gguf = _gguf()
   scales, ranks = {l.scale for l in layers.values()}, {l.r for l in layers.values()}
   alpha = scales.pop() * ranks.pop() if len(scales) == 1 and len(ranks) == 1 else 1.0

@@ -1,7 +1,7 @@
 """Llama, Mistral and Qwen2 decoders in one file, with Hugging Face module names so state-dict keys equal checkpoint keys.
 
 Every projection is a plain `nn.Linear` attribute called through `base_forward(self.q_proj, x)`, which gives frozen
-linears a faster backward (see tinylora/linear.py) and calls any other module as it is: LoRA injection and quantization
+linears a faster backward (see tinylora/device_policy.py) and calls any other module as it is: LoRA injection and quantization
 replace these attributes with other callables, so the forward reads no other projection attribute.
 
 Sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) is not implemented: it equals full causal
