@@ -90,11 +90,42 @@ def test_mlx_dora_both_ways(needs_mlx, hf_models, mlx_quantized, tmp_path, quant
   assert_close(f"dora mlx {what}: mlx-lm logits from tinylora's files", mlx_logits(mlx_with_adapter(base, tmp_path / "ours")), logits)
 
 LR, WD, STEPS = 1e-2, 0.1, 5
+BATCH = np.random.default_rng(0).integers(0, 64, (4, 17))
+
+def peft_names(pm) -> dict:
+  return {n.removeprefix("base_model.model.").replace(".default", ""): p for n, p in pm.named_parameters() if p.requires_grad}
+
+def tl_names(model) -> dict:
+  return {f"{p}.{k}": t for p, l in tl.lora_layers(model).items()
+          for k, t in (("lora_A.weight", l.lora_A), ("lora_B.weight", l.lora_B), ("lora_magnitude_vector.weight", l.magnitude))}
+
+def test_dora_gradients_match_float64_torch_peft(peft_dora):
+  """The loss's gradients for A, B and m against torch + PEFT in float64: each tensor within 1e-5 of its largest
+  entry. (The trajectory below cannot check gradients this finely: AdamW's update hardly depends on their size.)"""
+  import torch
+  from tinygrad import Tensor, dtypes
+  from tinygrad.helpers import Context
+  from tinylora.train import lm_loss
+  base, path, _, _ = peft_dora["llama_all"]
+  tokens, targets = BATCH[:, :-1], BATCH[:, 1:]
+  pm = peft_model(base, path, is_trainable=True).double()
+  logits = pm(torch.tensor(tokens)).logits
+  torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.tensor(targets).reshape(-1)).backward()
+  want = {k: p.grad.numpy() for k, p in peft_names(pm).items()}
+  model = tl.load_adapter(load_pretrained(base), path)
+  params = tl_names(model)
+  with Context(TRAINING=1):
+    loss = lm_loss(model(Tensor(tokens, dtype=dtypes.int32)), Tensor(targets, dtype=dtypes.int32), Tensor.ones(*targets.shape))
+    got = dict(zip(params, (g.numpy() for g in loss.gradient(*params.values()))))
+  assert sorted(got) == sorted(want)
+  rel = {k: float(np.abs(got[k] - want[k]).max() / np.abs(want[k]).max()) for k in want}
+  worst = max(rel, key=rel.get)
+  MAX_DIFFS["train dora: gradients, max |difference| / max |gradient| per tensor (tinylora vs float64 torch + PEFT)"] = rel[worst]
+  assert rel[worst] < 1e-5, f"{worst}: {rel[worst]:.2e}"
 
 def test_dora_adamw_trajectory_matches_torch_peft(peft_dora):
   base, path, _, _ = peft_dora["llama_all"]
-  batch = np.random.default_rng(0).integers(0, 64, (4, 17))
-  tokens, targets = batch[:, :-1], batch[:, 1:]
+  tokens, targets = BATCH[:, :-1], BATCH[:, 1:]
 
   pm = peft_model(base, path, is_trainable=True)
   assert len([p for p in pm.parameters() if p.requires_grad]) == 3 * 7 * 2  # A, B and the magnitude of 7 linears in 2 blocks
@@ -106,13 +137,14 @@ def test_dora_adamw_trajectory_matches_torch_peft(peft_dora):
   MAX_DIFFS["train dora: loss trajectory, relative (tinylora Trainer vs torch AdamW + PEFT)"] = float(rel.max())
   assert rel.max() < 1e-4, f"tinylora {tl_losses} vs torch {torch_losses}"
   assert torch_losses[-1] < torch_losses[0] - 0.05
-  peft_weights = {n.removeprefix("base_model.model.").replace(".default", ""): p.detach().numpy()
-                  for n, p in pm.named_parameters() if p.requires_grad}
-  tl_weights = {f"{p}.{k}": t.numpy() for p, l in tl.lora_layers(model).items()
-                for k, t in (("lora_A.weight", l.lora_A), ("lora_B.weight", l.lora_B), ("lora_magnitude_vector.weight", l.magnitude))}
+  peft_weights = {k: p.detach().numpy() for k, p in peft_names(pm).items()}
+  tl_weights = {k: t.numpy() for k, t in tl_names(model).items()}
   assert sorted(peft_weights) == sorted(tl_weights)
-  # measured 2.8e-5 when this test was written, 1.4e-4 after this session's other changes (the losses still agree
-  # within 1e-4 relative); the cause is not found yet, see the issue 13 notes
+  # AdamW's first update, lr * g / (|g| + eps), is ill-conditioned where |g| is a few eps: layers.1.self_attn.o_proj
+  # lora_A[0, 24] has g = -1.93e-7 (float64; its tensor's median |g| is 2.4e-2), float32 gives -1.46e-7 (tinylora) and
+  # -1.89e-7 (torch), both within float32 rounding of the sums (the gradient test above), and that moves the entry
+  # 1.4e-4 apart in step 1. The bound is the measured difference (1.39e-4; 1.18e-4 with another summation order for
+  # the frozen linears) with a little room, not the LoRA test's 1e-4, which no entry of that test comes near.
   assert_close(f"train dora: every tensor after {STEPS} steps (tinylora vs torch)",
                np.concatenate([tl_weights[k].ravel() for k in sorted(tl_weights)]),
-               np.concatenate([peft_weights[k].ravel() for k in sorted(tl_weights)]), atol=3e-4)
+               np.concatenate([peft_weights[k].ravel() for k in sorted(tl_weights)]), atol=1.5e-4)
