@@ -115,6 +115,14 @@ def test_a_shared_prompt_prefix_is_not_computed_again(model):
   assert decoder.prefill(PROMPT) is not None and decoder.jit.cnt == calls + 2  # fully cached: the last token runs again
   with pytest.raises(LoraError, match="uncached"): decoder.step(1, len(PROMPT) + 3)
 
+def test_batched_prompts_generate_as_each_prompt_alone():
+  model = Model.from_config(CONFIG)
+  stop = generate(model, PROMPT, 6)[2]
+  prompts = [PROMPT, PROMPT[:2], [9, 9, 9, 9, 9, 9]]  # different lengths: rows start generating at different positions
+  assert generate(model, prompts, 6, stop_tokens=[stop]) == [generate(model, p, 6, stop_tokens=[stop]) for p in prompts]
+  assert generate(model, prompts[:1], 6) == [generate(model, PROMPT, 6)]
+  with pytest.raises(LoraError, match="not a mix"): generate(model, [PROMPT, 3], 2)
+
 def test_mixed_adapter_rows_generate_as_each_adapter_alone():
   from tinylora import LoraConfig, inject, set_adapter, disabled
   model = Model.from_config(CONFIG)

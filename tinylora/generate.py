@@ -29,14 +29,14 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.
   return int(rng.choice(len(p), p=p))
 
 class Decoder:
-  """A KV cache of `max_len` positions and a TinyJit'd one-token decode step for one model: batch 1, or one row per
-  name in `adapter_names` (a mixed batch, see tinylora.mixed_batch)."""
-  def __init__(self, model: Model, max_len: int, adapter_names: tuple[str, ...] | None = None):
+  """A KV cache of `max_len` positions for `rows` sequences and a TinyJit'd one-token decode step for one model. With
+  `adapter_names` (one name per row) each row runs its own adapter (a mixed batch, see tinylora.mixed_batch)."""
+  def __init__(self, model: Model, max_len: int, rows: int = 1, adapter_names: tuple[str, ...] | None = None):
     if max_len < 2: raise LoraError(f"a decoder needs room for at least 2 positions, found max_len={max_len}")
     self.adapter_names = adapter_names
     # a weak reference: the decoder is kept in a WeakKeyDictionary keyed by the model, which it must not keep alive
     self.model, self.max_len = weakref.ref(model), max_len
-    self.cache = model.make_cache(len(adapter_names) if adapter_names else 1, max_len)
+    self.cache = model.make_cache(len(adapter_names) if adapter_names else rows, max_len)
     self.pos = UOp.variable("start_pos", 0, max_len - 1)
     self.jit = TinyJit(self._step)
     self.state, self.tokens = module_state(model), []  # the tokens whose keys and values the cache holds, by position
@@ -66,16 +66,16 @@ def module_state(model: Model) -> tuple:
   """What a captured decode step depends on besides tensor values: which modules sit where, and their adapter flags."""
   return tuple((path, id(m), *(getattr(m, a, None) for a in ("merged", "enabled", "active"))) for path, m, _, _ in named_modules(model))
 
-_decoders: weakref.WeakKeyDictionary[Model, dict[tuple | None, Decoder]] = weakref.WeakKeyDictionary()
+_decoders: weakref.WeakKeyDictionary[Model, dict[tuple, Decoder]] = weakref.WeakKeyDictionary()
 
-def decoder_for(model: Model, length: int, adapter_names: tuple[str, ...] | None = None) -> Decoder:
-  """The model's decoder (one per adapter_names), rebuilt if the model changed or `length` positions do not fit (sizes
-  grow by powers of two, at least 256, at most the model's max_position_embeddings)."""
+def decoder_for(model: Model, length: int, rows: int = 1, adapter_names: tuple[str, ...] | None = None) -> Decoder:
+  """The model's decoder (one per batch size and adapter_names), rebuilt if the model changed or `length` positions do
+  not fit (sizes grow by powers of two, at least 256, at most the model's max_position_embeddings)."""
   decoders = _decoders.setdefault(model, {})
-  decoder = decoders.get(adapter_names)
+  decoder = decoders.get(key := (rows, adapter_names))
   if decoder is None or decoder.max_len < length or decoder.state != module_state(model):
     size = max(length, min(max(256, 1 << (length - 1).bit_length()), model.config.max_position_embeddings))
-    decoder = decoders[adapter_names] = Decoder(model, size, adapter_names)
+    decoder = decoders[key] = Decoder(model, size, rows, adapter_names)
   return decoder
 
 def generate(model: Model, tokens: list[int] | list[list[int]], max_new_tokens: int, temperature: float = 0.0,
@@ -85,22 +85,25 @@ def generate(model: Model, tokens: list[int] | list[list[int]], max_new_tokens: 
   at the first token in `stop_tokens`, which is not included. `seed` makes sampling reproducible. `cache_prompt=True`
   reuses the keys and values the previous call left for a shared prompt prefix (e.g. a system prompt): only valid while
   no weight changed since that call (training, merging, loading), which the decoder cannot see.
-  With `adapter_names` (one adapter name per row, "__base__" for none), `tokens` is a list of prompts, one per name, and
-  the result one list of new tokens per row: every row decodes with its own adapter in one batched pass per step (the
-  rows sit at the same positions, each fed its own prompt and then its own samples)."""
+  `tokens` may be a list of prompts (of any lengths): they decode together, one batch row each, and the result is one
+  list of new tokens per row (the rows sit at the same positions, each fed its own prompt and then its own samples).
+  With `adapter_names` (one adapter name per prompt, "__base__" for none) every row decodes with its own adapter in
+  that same batched pass."""
   if max_new_tokens < 0: raise LoraError(f"max_new_tokens must be >= 0, found {max_new_tokens}")
   if temperature < 0: raise LoraError(f"temperature must be >= 0, found {temperature}")
   if not 0 < top_p <= 1: raise LoraError(f"top_p must be in (0, 1], found {top_p}")
-  prompts = [tokens] if adapter_names is None else tokens
-  if adapter_names is not None and (not isinstance(tokens, list) or len(tokens) != len(adapter_names) or
-                                    not all(isinstance(p, list) for p in tokens)):
+  batched = isinstance(tokens, list) and bool(tokens) and isinstance(tokens[0], list)
+  prompts = tokens if batched else [tokens]
+  if adapter_names is not None and (not batched or len(tokens) != len(adapter_names)):
     raise LoraError(f"with adapter_names, tokens must be a list of {len(adapter_names)} prompt(s), one per adapter name")
+  if batched and not all(isinstance(p, list) for p in prompts):
+    raise LoraError("tokens must be one prompt (a list of token ids) or a list of prompts, not a mix")
   for prompt in prompts:
     if not prompt: raise LoraError("generate needs at least one prompt token")
     if (bad := [t for t in prompt if not 0 <= t < model.config.vocab_size]):
       raise LoraError(f"prompt token {bad[0]} is outside the vocabulary of {model.config.vocab_size}")
   stop, rng = set(stop_tokens), np.random.default_rng(seed)
-  if adapter_names is None:
+  if not batched:
     if max_new_tokens == 0: return []
     decoder = decoder_for(model, len(tokens) + max_new_tokens)
     if not cache_prompt: decoder.tokens = []
@@ -111,7 +114,7 @@ def generate(model: Model, tokens: list[int] | list[list[int]], max_new_tokens: 
       out.append(token)
       if i + 1 < max_new_tokens: logits = decoder.step(token, len(tokens) + i)
     return out
-  decoder = decoder_for(model, max(map(len, prompts)) + max_new_tokens, tuple(adapter_names))
+  decoder = decoder_for(model, max(map(len, prompts)) + max_new_tokens, len(prompts), adapter_names and tuple(adapter_names))
   outs, done = [[] for _ in prompts], [max_new_tokens == 0] * len(prompts)
   fed = [p[0] for p in prompts]
   for pos in range(max(map(len, prompts)) + max_new_tokens - 1):
