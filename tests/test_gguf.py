@@ -7,7 +7,8 @@ from tinygrad import Tensor, dtypes
 import tinylora as tl
 from tinylora.errors import LoraError
 from tinylora.models import Model, load_pretrained, save_pretrained
-from tinylora.models.gguf import gguf_name, hf_name, permute_qk, read_gguf, unpermute_qk
+from tinylora.models.gguf import gguf_name, hf_name, llama3_scaling, permute_qk, read_array, read_gguf, rope_freqs, unpermute_qk
+from tinylora.models.llama import rope_inv_freq
 from tinylora.quant import QuantizedEmbedding, QuantizedLinear
 from tinylora.tokenizer import load_tokenizer
 
@@ -108,6 +109,45 @@ def test_adapter_in_llama_cpps_lora_format(tmp_path):
     got = (permute_qk(W, heads) if heads else W) + 8.0 / 4 * B @ A
     merged = W + 2.0 * layer.lora_B.numpy() @ layer.lora_A.numpy()  # HF: W + lora_alpha / r * B @ A
     np.testing.assert_allclose(got, permute_qk(merged, heads) if heads else merged, atol=1e-5)
+
+def llama_cpp_rope_factors(head_dim: int, theta: float, factor: float, low: float, high: float, old_len: int) -> np.ndarray:
+  """convert_hf_to_gguf.py's llama3 `rope_freqs` (float64, written as float32): the independent reference."""
+  out = []
+  for freq in 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim):
+    wavelen = 2 * np.pi / freq
+    if wavelen < old_len / high: out.append(1.0)
+    elif wavelen > old_len / low: out.append(factor)
+    else:
+      smooth = (old_len / wavelen - low) / (high - low)
+      out.append(1 / ((1 - smooth) / factor + smooth))
+  return np.array(out, np.float32)
+
+@pytest.mark.parametrize("head_dim,theta,params", [(64, 500000.0, (32.0, 1.0, 4.0, 8192)),  # Llama 3.2 1B
+                                                   (128, 500000.0, (8.0, 1.0, 4.0, 8192)),  # Llama 3.1 8B
+                                                   (16, 10000.0, (4.0, 1.0, 8.0, 2048))])
+def test_llama3_rope_freqs_give_the_same_frequencies(head_dim, theta, params):
+  factors = llama_cpp_rope_factors(head_dim, theta, *params)
+  scaling = llama3_scaling(factors, head_dim, theta, "x.gguf")
+  assert scaling["rope_type"] == "llama3" and scaling["factor"] == params[0]
+  got = tuple((k, v) for k, v in scaling.items() if k != "rope_type")
+  want = tuple(zip(("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), params))
+  np.testing.assert_allclose(rope_inv_freq(head_dim, theta, got), rope_inv_freq(head_dim, theta, want), rtol=1e-6)
+  np.testing.assert_allclose(rope_freqs(head_dim, theta, want), factors, rtol=1e-6)  # what tinylora writes
+  bad = factors.copy(); bad[:2] = [3.0, 1.0]  # not monotone: no llama3 parameters give it
+  with pytest.raises(LoraError, match="do not follow llama3's RoPE scaling"): llama3_scaling(bad, head_dim, theta, "x.gguf")
+
+def test_llama3_rope_scaling_round_trips_as_rope_freqs(tmp_path):
+  Tensor.manual_seed(0)
+  scaling = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 8.0,
+             "original_max_position_embeddings": 2048}
+  m = Model.from_config(config(rope_scaling=scaling))
+  m.gguf_tokenizer = tiny_tokenizer_metadata()
+  save_pretrained(m, tmp_path / "m.gguf", format="gguf", quantization="f32")
+  _, tensors = read_gguf(tmp_path / "m.gguf")
+  np.testing.assert_allclose(read_array(tensors["rope_freqs.weight"]), llama_cpp_rope_factors(16, 1e5, 4.0, 1.0, 8.0, 2048), rtol=1e-6)
+  back = load_pretrained(tmp_path / "m.gguf", dtype=dtypes.float32)
+  assert dict(back.config.rope_scaling)["factor"] == 4.0
+  np.testing.assert_allclose(back(TOKENS).numpy(), m(TOKENS).numpy(), atol=1e-5, rtol=1e-5)
 
 def test_bad_files(tmp_path):
   (tmp_path / "x.gguf").write_bytes(b"NOPE" + b"\0" * 64)

@@ -149,18 +149,48 @@ def config_from_gguf(kv: dict, tensors: dict[str, TensorInfo], where: str) -> di
   def get(key: str, default=None):
     if (value := kv.get(f"{arch}.{key}", default)) is None: raise LoraError(f"{where}: GGUF metadata lacks {arch}.{key}")
     return value
-  if "rope_freqs.weight" in tensors:
-    raise LoraError(f"{where}: rope_freqs (llama3-style RoPE scaling stored as a tensor) is not supported yet")
   heads = get("attention.head_count")
   hidden = get("embedding_length")
+  head_dim, theta = get("attention.key_length", hidden // heads), get("rope.freq_base", 10000.0)
   vocab = kv.get(f"{arch}.vocab_size") or len(kv.get("tokenizer.ggml.tokens", [])) or tensors["token_embd.weight"].shape[0]
-  return {"model_type": arch, "architectures": [ARCHITECTURES[arch]], "hidden_size": hidden,
-          "intermediate_size": get("feed_forward_length"), "num_hidden_layers": get("block_count"),
-          "num_attention_heads": heads, "num_key_value_heads": get("attention.head_count_kv", heads),
-          "head_dim": get("attention.key_length", hidden // heads), "vocab_size": vocab,
-          "rms_norm_eps": get("attention.layer_norm_rms_epsilon"), "rope_theta": get("rope.freq_base", 10000.0),
-          "max_position_embeddings": get("context_length", 2048), "tie_word_embeddings": "output.weight" not in tensors,
-          "bos_token_id": kv.get("tokenizer.ggml.bos_token_id"), "eos_token_id": kv.get("tokenizer.ggml.eos_token_id")}
+  config = {"model_type": arch, "architectures": [ARCHITECTURES[arch]], "hidden_size": hidden,
+            "intermediate_size": get("feed_forward_length"), "num_hidden_layers": get("block_count"),
+            "num_attention_heads": heads, "num_key_value_heads": get("attention.head_count_kv", heads),
+            "head_dim": head_dim, "vocab_size": vocab, "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
+            "rope_theta": theta, "max_position_embeddings": get("context_length", 2048),
+            "tie_word_embeddings": "output.weight" not in tensors,
+            "bos_token_id": kv.get("tokenizer.ggml.bos_token_id"), "eos_token_id": kv.get("tokenizer.ggml.eos_token_id")}
+  if "rope_freqs.weight" in tensors:
+    factors = read_array(tensors["rope_freqs.weight"]).astype(np.float32)
+    if factors.shape != (head_dim // 2,):
+      raise LoraError(f"{where}: rope_freqs has shape {factors.shape}, expected ({head_dim // 2},) for head_dim {head_dim}")
+    if (factors != 1).any(): config["rope_scaling"] = llama3_scaling(factors, head_dim, theta, where)
+  return config
+
+def rope_freqs(head_dim: int, theta: float, scaling: tuple) -> np.ndarray:
+  """llama.cpp's `rope_freqs` tensor for llama3 RoPE scaling: the factor each inverse frequency is divided by."""
+  from tinylora.models.llama import rope_inv_freq
+  return (rope_inv_freq(head_dim, theta) / rope_inv_freq(head_dim, theta, scaling)).astype(np.float32)
+
+def llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, where: str) -> dict:
+  """HF's llama3 `rope_scaling` that gives llama.cpp's `rope_freqs` factors. Long wavelengths are divided by `factor`,
+  short ones kept, and in between 1/f = (1 - smooth) / factor + smooth with smooth = (L / wavelen - low) / (high - low)
+  linear in 1/wavelen: with two or more such entries the line gives low and high for L = 8192 (any L with the same
+  line gives the same frequencies); else Llama 3.x's own low 1, high 4, L 8192. Checked by recomputing the factors."""
+  from tinylora.models.llama import rope_inv_freq
+  factor, wavelen = float(factors.max()), 2 * np.pi / rope_inv_freq(head_dim, theta).astype(np.float64)
+  candidates, L = [(1.0, 4.0)], 8192.0
+  if (medium := (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))).sum() >= 2 and factor > 1:
+    smooth = (1 / factors[medium].astype(np.float64) - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(1 / wavelen[medium], smooth, 1)  # slope = L / (high - low), intercept = -low / (high - low)
+    candidates.insert(0, (-intercept * L / slope, (1 - intercept) * L / slope))
+  for low, high in candidates:
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low), "high_freq_factor": float(high),
+               "original_max_position_embeddings": int(L)}
+    if np.allclose(rope_freqs(head_dim, theta, tuple((k, v) for k, v in scaling.items() if k != "rope_type")), factors, rtol=1e-5):
+      return scaling
+  raise LoraError(f"{where}: rope_freqs factors ({factors.min():.4g}..{factor:.4g}) do not follow llama3's RoPE scaling, "
+                  "the only pattern supported")
 
 def read_weights(kv: dict, tensors: dict[str, TensorInfo], config: dict, where: str, dequantize: bool
                  ) -> tuple[dict[str, np.ndarray], dict]:
@@ -168,6 +198,7 @@ def read_weights(kv: dict, tensors: dict[str, TensorInfo], config: dict, where: 
   dict that describes the packed ones (empty when none are kept packed)."""
   weights, quantization = {}, {}
   for name, info in tensors.items():
+    if name == "rope_freqs.weight": continue  # in the config (config_from_gguf)
     if (key := hf_name(name)) is None: raise LoraError(f"{where}: tensor {name!r} has no place in a {config['model_type']} model")
     module = key.rsplit(".", 1)[0]
     heads = {"self_attn.q_proj": config["num_attention_heads"], "self_attn.k_proj": config["num_key_value_heads"]}.get(
@@ -228,7 +259,6 @@ def write_model(model, path: str | os.PathLike, quantization: str, tokenizer_met
   if quantization not in QUANTIZATIONS:
     raise LoraError(f"unknown GGUF quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
   c = model.config
-  if c.rope_scaling: raise LoraError("llama3 RoPE scaling cannot be written to GGUF yet (llama.cpp stores it as rope_freqs)")
   weights = {}
   packed = {p: m for p, m, _, _ in named_modules(model) if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
   for key, t in unique_state_dict(model).items():
@@ -250,6 +280,7 @@ def write_model(model, path: str | os.PathLike, quantization: str, tokenizer_met
     w.add_rope_freq_base(c.rope_theta); w.add_layer_norm_rms_eps(c.rms_norm_eps); w.add_vocab_size(c.vocab_size)
     w.add_file_type(file_type); w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in tokenizer_metadata.items(): _add_value(w, gguf, key, value)
+    if c.rope_scaling: w.add_tensor("rope_freqs.weight", rope_freqs(c.head_dim, c.rope_theta, c.rope_scaling))
     for key, a in weights.items():
       if (heads := _qk_heads(c, key)) is not None: a = permute_qk(a, heads)
       kind = getattr(gguf.GGMLQuantizationType, type_name)

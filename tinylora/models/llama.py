@@ -92,21 +92,25 @@ def _rope_scaling(cfg: dict) -> tuple[tuple[str, float], ...]:
   if missing := [k for k in keys if k not in scaling]: raise LoraError(f"llama3 rope scaling lacks {missing}")
   return tuple((k, float(scaling[k])) for k in keys)
 
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> np.ndarray:
+  """RoPE's (head_dim/2,) inverse frequencies, with llama3 scaling when `scaling` holds its parameters, in float32 as
+  transformers computes them."""
+  inv_freq = (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)).astype(np.float32)
+  if not scaling: return inv_freq
+  s = dict(scaling)
+  low_wavelen, high_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"], \
+                              s["original_max_position_embeddings"] / s["high_freq_factor"]
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+  smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, (1 - smooth) * scaled / s["factor"] + smooth * scaled, scaled).astype(np.float32)
+
 @functools.cache
 def _rope_table(head_dim: int, theta: float, scaling: tuple, length: int, device: str | tuple[str, ...]) -> tuple[Tensor, Tensor]:
   """cos and sin of shape (length, head_dim) in HF's rotate_half layout, computed in float32 as transformers does, on
   the model's device (a tuple of devices: a copy on each)."""
-  inv_freq = (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)).astype(np.float32)
-  if scaling:
-    s = dict(scaling)
-    low_wavelen, high_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"], \
-                                s["original_max_position_embeddings"] / s["high_freq_factor"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
-    smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    inv_freq = np.where(medium, (1 - smooth) * scaled / s["factor"] + smooth * scaled, scaled).astype(np.float32)
-  freqs = np.outer(np.arange(length, dtype=np.float32), inv_freq)
+  freqs = np.outer(np.arange(length, dtype=np.float32), rope_inv_freq(head_dim, theta, scaling))
   emb = np.concatenate([freqs, freqs], axis=-1)
   return Tensor(np.cos(emb), device=device).realize(), Tensor(np.sin(emb), device=device).realize()
 
