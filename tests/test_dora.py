@@ -5,6 +5,7 @@ import numpy as np, pytest
 from safetensors.numpy import load_file, save_file
 from tinygrad import Tensor, dtypes, nn
 from tinygrad.helpers import Context
+from tinygrad.uop.ops import Ops
 import tinylora as tl
 from tinylora import LoraConfig, LoraError
 from tinylora.quant import dequantize_array, quantize
@@ -39,14 +40,28 @@ def test_forward_and_gradients_match_numpy(bias):
   ref, g = np_dora(x, W, b, A, B, m, 2.5)
   xt = Tensor(x.astype(np.float32))
   y = layer(xt)
-  np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5)
-  # gradients with ||W + s B A|| treated as a constant (PEFT's and mlx-lm's detach)
+  # gradients with ||W + s B A|| treated as a constant (PEFT's and mlx-lm's detach); taken before y is realized, as
+  # for LoRA: realizing y first would turn the low-rank delta it materializes into a constant buffer
   gm, gA, gB = (y * Tensor(G.astype(np.float32))).sum().gradient(layer.magnitude, layer.lora_A, layer.lora_B)
+  np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5)
   n = m / g
   Gg = G * g
   np.testing.assert_allclose(gm.numpy(), (G * (x @ W.T + 2.5 * x @ A.T @ B.T)).sum(0) / n, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(gB.numpy(), 2.5 * Gg.T @ (x @ A.T), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(gA.numpy(), 2.5 * (Gg @ B).T @ x, rtol=1e-4, atol=1e-5)
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_kernels_reading_the_input_hold_one_reduction(bias):
+  """The base matmul's kernel holds only its own reduction (a second one, such as the rank-r projection, would cost it
+  tinygrad's matmul optimisations: 2-3x the base's time, bench/RESULTS.md); so does x @ A.T."""
+  Tensor.manual_seed(0)
+  lin = nn.Linear(256, 128, bias=bias)
+  Tensor.realize(*nn.state.get_parameters(lin))
+  layer, x = dora_layer(lin, r=4), Tensor.randn(64, 256).realize()
+  kernels = [c for c in Tensor.schedule_linear(layer(x)).src if c.src[0].op is Ops.SINK]
+  reading_x = [c for c in kernels if any(getattr(b, "buffer", None) is x.uop.buffer for b in c.src[1:])]
+  assert len(reading_x) == 2, f"{len(reading_x)} of {len(kernels)} kernels read the input"
+  assert [sum(u.op is Ops.REDUCE for u in c.src[0].toposort()) for c in reading_x] == [1, 1]
 
 def test_init_is_the_identity_and_magnitude_is_the_weight_norm(tiny_lm, tokens):
   Tensor.manual_seed(5)

@@ -49,7 +49,8 @@ class Adapter:
     if not self.use_dora: return d.cast(y.dtype).contiguous()
     g = self.dora_scale(base)
     y0 = y if base.bias is None else y - base.bias
-    return ((g - 1) * y0 + g * d).cast(y.dtype)
+    # d in kernels of its own, as for LoRA: left lazy, its rank-r reduction joins the base matmul's kernel
+    return ((g - 1) * y0 + g * d.contiguous()).cast(y.dtype)
 
 class LoraLinear:
   """y = base(x) + dropout(x) @ A.T @ B.T * scale with A (r, in) and B (out, r) as in HF PEFT, or with DoRA
