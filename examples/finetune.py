@@ -99,7 +99,7 @@ def parse_args() -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()
   tiny = args.model == "tiny"  # per-model defaults: the random-init demo needs many more, faster steps
-  for name, real, demo in (("lr", 2e-3, 3e-3), ("iters", 20, 150), ("seq_len", 64, 48)):
+  for name, real, demo in (("lr", 2e-3, 3e-3), ("iters", 12, 150), ("seq_len", 64, 48)):
     if getattr(args, name) is None: setattr(args, name, demo if tiny else real)
   if tiny and args.batch_size == 4: args.batch_size = 8
   return args
@@ -123,11 +123,11 @@ def expected_of(row: dict) -> str:
   return (row.get("completion") or "").strip().rstrip(".").split()[-1] if row.get("completion") else ""
 
 def judge(model: Model, tokenizer, rows: list[dict]) -> tuple[float, list[str]]:
-  """Greedy answers to the held-out prompts and the fraction that contain the expected answer word."""
-  # cache_prompt from the second prompt on: the system prompt's keys and values are computed once per judging
-  answers = [tokenizer.decode(generate(model, tokenizer.encode(prompt_of(r, tokenizer)), max_new_tokens=16,
-                                       stop_tokens=[tokenizer.eos_id], cache_prompt=i > 0), skip_special_tokens=True).strip()
-             for i, r in enumerate(rows)]
+  """Greedy answers to the held-out prompts (decoded together, one batch row each) and the fraction that contain the
+  expected answer word."""
+  prompts = [tokenizer.encode(prompt_of(r, tokenizer)) for r in rows]
+  answers = [tokenizer.decode(new, skip_special_tokens=True).strip()
+             for new in generate(model, prompts, max_new_tokens=16, stop_tokens=[tokenizer.eos_id])]
   hits = [expected_of(r).lower() in a.lower() for r, a in zip(rows, answers)]
   return sum(hits) / max(1, len(hits)), answers
 
@@ -185,21 +185,15 @@ def main() -> None:
   print(f"held-out accuracy {accuracy_before:.2f} -> {accuracy_after:.2f} ({len(heldout)} prompts never trained on)")
 
   t = time.perf_counter()
-  prompt = tokenizer.encode(prompt_of(heldout[0], tokenizer))
-  adapted = model(Tensor([prompt])).numpy()
   tl.save_adapter(model, out / "adapter")
   gguf_files = hasattr(tokenizer, "save")  # GGUF files need a real tokenizer (not --model tiny's byte tokenizer)
   if gguf_files: tl.save_adapter(model, out / "adapter.gguf", format="gguf")
   tl.merge_and_unload(model)
   save_pretrained(model, out / "merged-hf", tokenizer=tokenizer if gguf_files else None)
-  reloaded = load_pretrained(out / "merged-hf")(Tensor([prompt])).numpy()
-  print(f"saved {out / 'adapter'} (HF PEFT) and {out / 'merged-hf'} (HF model); "
-        f"max |merged reload - adapter| logits = {np.abs(reloaded - adapted).max():.2e}")
+  print(f"saved {out / 'adapter'} (HF PEFT adapter) and {out / 'merged-hf'} (HF model)")
   if gguf_files:
     save_pretrained(model, out / "merged-f16.gguf", format="gguf", quantization="f16", tokenizer=tokenizer)
-    gguf_logits = load_pretrained(out / "merged-f16.gguf", dtype=dtypes.float32)(Tensor([prompt])).numpy()
-    print(f"saved {out / 'adapter.gguf'} (llama.cpp LoRA) and {out / 'merged-f16.gguf'}; max |f16 GGUF - adapter| "
-          f"logits = {np.abs(gguf_logits - adapted).max():.2e}")
+    print(f"saved {out / 'adapter.gguf'} (llama.cpp LoRA adapter) and {out / 'merged-f16.gguf'} (llama.cpp model)")
     question = heldout[0]["messages"][-2]["content"] if "messages" in heldout[0] else prompt_of(heldout[0], tokenizer)
     base = pathlib.Path(args.model) if args.model else smollm2_gguf()
     pipeline = (f"from transformers import pipeline; chat = pipeline('text-generation', {str(out / 'merged-hf')!r}); "

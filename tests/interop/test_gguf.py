@@ -2,7 +2,7 @@
 equal transformers'; GGUF files tinylora writes load in transformers and in llama.cpp with tinylora's logits; a
 llama.cpp LoRA adapter tinylora writes, applied by llama.cpp to its base, equals tinylora's adapted model."""
 from __future__ import annotations
-import importlib.metadata, pathlib, warnings
+import dataclasses, importlib.metadata, pathlib, warnings
 import numpy as np, pytest
 from tinygrad import Tensor, dtypes
 import tinylora as tl
@@ -58,6 +58,13 @@ def written(tmp_path_factory, smollm2):
   logits = {"base": base(Tensor([PROMPT])).numpy(), "adapted": adapted(Tensor([PROMPT])).numpy()}
   tl.merge_and_unload(adapted)
   save_pretrained(adapted, path / "merged-f32.gguf", format="gguf", quantization="f32", tokenizer=tokenizer)
+  # llama3 RoPE scaling (written as rope_freqs) short enough to act within PROMPT's 21 positions
+  scaled = Model.from_config(dict(cfg, rope_theta=1e4, rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}))
+  save_pretrained(scaled, path / "rope-scaled-f32.gguf", format="gguf", quantization="f32", tokenizer=tokenizer)
+  logits["rope-scaled"] = scaled(Tensor([PROMPT])).numpy()
+  scaled.config = dataclasses.replace(scaled.config, rope_scaling=())
+  logits["rope-unscaled"] = scaled(Tensor([PROMPT])).numpy()
   return path, logits
 
 def test_written_gguf_loads_in_transformers(needs_transformers, written):
@@ -83,3 +90,6 @@ def test_written_gguf_and_adapter_run_in_llama_cpp(written):
   with_lora = llama_cpp_logits(path / "base-f32.gguf", PROMPT, lora=path / "adapter.gguf")[None]
   assert_close("base + llama.cpp LoRA adapter in llama.cpp vs adapted tinylora", with_lora, logits["adapted"], atol=1e-3)
   assert (with_lora.argmax(-1) == logits["adapted"].argmax(-1)).all()
+  scaled = llama_cpp_logits(path / "rope-scaled-f32.gguf", PROMPT)[None]
+  assert_close("llama3 RoPE scaling (rope_freqs) in llama.cpp vs tinylora", scaled, logits["rope-scaled"], atol=1e-3)
+  assert np.abs(logits["rope-scaled"] - logits["rope-unscaled"]).max() > 1e-2  # the scaling is visible at these positions
