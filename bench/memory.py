@@ -2,7 +2,8 @@
 training against float32.
 
   memory   tinygrad's allocator high-water mark (tinylora.memory.peak_memory) in each of the first three Trainer steps
-           (eager, JIT capture, replay): the largest, and the replay's (the steady state), at 4x512 tokens, LoRA r=16 on q,k,v,o,gate,up,down of every layer, AdamW: for the bench
+           (JIT capture and first run, replays): the largest, and the last replay's (the steady state), at 4x512
+           tokens, LoRA r=16 on q,k,v,o,gate,up,down of every layer, AdamW: for the bench
            model, a SmolLM2-135M-shaped and a Llama-3.2-1B-shaped config; base float32 / float16 / bfloat16 / 4-bit g64
            (tinylora.quant.quantize of a float16 model), with and without TrainConfig(grad_checkpoint). Each case runs
            in its own process on --device; DEV=NULL allocates and schedules every buffer as a real device would but runs
@@ -56,7 +57,7 @@ def measure_one(name: str, base: str, ckpt: bool, batch: int, seq: int, steps: i
   except LoraError as e: return dict(refused=str(e))
   trainer = Trainer(model, TrainConfig(iters=steps, warmup=0, grad_checkpoint=ckpt))
   held, st, peaks = GlobalCounters.mem_used, time.perf_counter(), []  # held: weights, LoRA tensors, gradients, AdamW state
-  for step in range(steps):  # step 1 runs eagerly, step 2 captures the TinyJit, later steps replay it
+  for step in range(steps):  # step 1 captures the Trainer's TinyJits and runs them, later steps replay them
     with peak_memory() as peak: trainer.train_step([pattern_batch(MODELS[name]["vocab_size"], batch, seq, step)])
     peaks.append(peak.peak)
   return dict(held=held, peak=max(peaks), replay_peak=peaks[-1], step_peaks=peaks, largest=peak.largest, device=Device.DEFAULT,

@@ -6,10 +6,13 @@
   model    Llama d=512, 4 layers, 8/4 heads, ffn 1376, vocab 4096, LoRA r=16 on q,k,v,o,gate,up,down, batch 4x256,
            AdamW through tinylora's Trainer: FLOP ratios, kernels per step, tokens/s, peak memory, summed kernel time.
   torch    torch + PEFT tokens/s on the same model and batch (skipped when torch, transformers or peft is missing).
+  checkpoint  the same model's train step with and without TrainConfig(grad_checkpoint): step time (median of
+           interleaved steps after the first), FLOPs and kernels per step, and the memory tinygrad holds in the steady
+           state (the model, adapter and optimizer state, and the step's JIT buffers).
   startup  time to the first train step in fresh processes, with an empty compile cache (CACHEDB in a temp dir) and
            again with that cache filled.
 
-  python bench/run.py                                  # linear, model, torch, startup
+  python bench/run.py                                  # linear, model, torch, checkpoint, startup
   python bench/run.py --quick                          # d=1024, r=16, fewer steps, no startup
   python bench/run.py --sections linear --dims 1024,2048,4096 --ranks 8,16,64 --json out.json
   python bench/run.py --device CUDA --torch-device cuda --model '{"hidden_size": 2048, "num_hidden_layers": 8}'
@@ -151,7 +154,7 @@ def model_setup(cfg: dict, batch: int, seq: int, r: int) -> tuple[dict, Callable
   fwd_kernels, fwd_flops = counted(lambda: model(Tensor(tokens)).realize())
   trainer = Trainer(model, TrainConfig(lr=1e-4, warmup=0))
   def step(): trainer.train_step([(tokens, targets, mask)])
-  first = [timed(step) for _ in range(2)]  # eager + compile, then JIT capture
+  first = [timed(step) for _ in range(2)]  # JIT capture + compile + run, then the first replay
   step_kernels, step_flops = counted(step)
   analytic = analytic_forward_flops(cfg, batch, seq, r)
   return dict(config=cfg, batch=batch, seq=seq, r=r, lora_params=sum(p.numel() for p in trainer.params),
@@ -221,13 +224,29 @@ def model_bench(args, with_model: bool, with_torch: bool) -> dict:
   if t: res["torch"] = t
   return res
 
+def checkpoint_bench(args) -> dict:
+  """The bench model's steady-state step with and without gradient checkpointing, timed alternately."""
+  batch, res, steps = [make_batch(args.cfg, args.batch, args.seq)], {}, {}
+  for ckpt in (False, True):
+    before = GlobalCounters.mem_used
+    trainer = Trainer(build_model(args.cfg, 16), TrainConfig(lr=1e-4, warmup=0, grad_checkpoint=ckpt))
+    steps[ckpt] = lambda t=trainer: t.train_step(batch)
+    first_s = timed(steps[ckpt])
+    with peak_memory() as peak: kernels, flops = counted(steps[ckpt])  # a replay: its peak is what the process holds
+    res[ckpt] = dict(first_step_s=first_s, kernels=kernels, gflop=flops / 1e9, held_mb=(peak.peak - before) / 1e6)
+  times = interleaved(steps, (), args.steps)
+  for ckpt, r in res.items(): r.update(step_s=statistics.median(times[ckpt]), step_s_all=times[ckpt])
+  no, yes = res[False], res[True]
+  return dict(without=no, checkpointed=yes, time_ratio=yes["step_s"] / no["step_s"], flop_ratio=yes["gflop"] / no["gflop"],
+              memory_ratio=yes["held_mb"] / no["held_mb"])
+
 def startup_child(cfg: dict, batch: int, seq: int, r: int) -> dict:
   built = time.perf_counter()
   model = build_model(cfg, r)
   trainer, batches = Trainer(model, TrainConfig(lr=1e-4, warmup=0)), [make_batch(cfg, batch, seq)]
   ready = time.perf_counter()
   steps = [timed(trainer.train_step, batches) for _ in range(3)]
-  return dict(import_s=built - START, build_s=ready - built, first_step_s=steps[0], capture_step_s=steps[1],
+  return dict(import_s=built - START, build_s=ready - built, first_step_s=steps[0], second_step_s=steps[1],
               replay_step_s=steps[2], to_first_step_s=ready - START + steps[0])
 
 def startup_bench(args) -> dict:
@@ -257,14 +276,15 @@ def machine() -> dict:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--sections", default="linear,model,torch,startup", help="comma-separated: linear,model,torch,startup")
+  p.add_argument("--sections", default="linear,model,torch,checkpoint,startup",
+                 help="comma-separated: linear,model,torch,checkpoint,startup")
   p.add_argument("--dims", default="1024,2048", help="linear: d values (4096 works, slowly on a CPU)")
   p.add_argument("--ranks", default="8,16,64", help="linear: LoRA ranks")
   p.add_argument("--tokens", type=int, default=512, help="linear: tokens")
   p.add_argument("--reps", type=int, default=7, help="linear: timed replays per variant")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=256)
-  p.add_argument("--steps", type=int, default=5, help="model and torch: timed steps (alternating)")
+  p.add_argument("--steps", type=int, default=5, help="model, torch and checkpoint: timed steps (alternating)")
   p.add_argument("--top", type=int, default=10, help="model: slowest kernels to list")
   p.add_argument("--model", default="{}", help="model and torch: JSON overrides of the model config, e.g. "
                  "'{\"hidden_size\": 2048, \"num_hidden_layers\": 8}'")
@@ -312,7 +332,7 @@ def main():
                ("tokens/s (median step)", f"{m['tokens_per_s']:.0f}"), ("GFLOP/s", f"{m['step_gflops']:.1f}"),
                ("summed kernel time (DEBUG=2)", f"{m['kernel_time_sum_s']:.3f} s"),
                ("step time / summed kernel time (target <= 1.05)", f"{m['step_vs_kernel_sum']:.3f}"),
-               ("first steps (eager+compile, JIT capture)", ", ".join(f"{t:.1f} s" for t in m["first_steps_s"])),
+               ("first steps (JIT capture + compile, first replay)", ", ".join(f"{t:.1f} s" for t in m["first_steps_s"])),
                ("peak tinygrad memory (mem_used high-water)", f"{m['peak_mem_mb']:.0f} MB")]
     if (t := res.get("torch")) and "skipped" in t: rows.append(("torch + PEFT", f"skipped ({t['skipped']})"))
     elif t:
@@ -330,12 +350,20 @@ def main():
       print("slowest kernels in one step:\n")
       print(table(m["top_kernels"], [("name", "kernel", "s"), ("count", "count", "d"), ("ms", "ms", ".1f"),
                                      ("share", "share", ".1%")]) + "\n")
+  if "checkpoint" in sections:
+    c = res["checkpoint"] = checkpoint_bench(args)
+    print(f"## Gradient checkpointing (median of {args.steps} alternating steps after the first)\n")
+    print(table([dict(mode=k, **c[k]) for k in ("without", "checkpointed")],
+                [("mode", "grad_checkpoint", "s"), ("step_s", "step s", ".3f"), ("gflop", "GFLOP/step", ".2f"),
+                 ("kernels", "kernels/step", "d"), ("held_mb", "held in the steady state MB", ".0f"),
+                 ("first_step_s", "step 1 s", ".1f")]) + "\n")
+    print(f"checkpointed / without: time {c['time_ratio']:.3f}x, FLOPs {c['flop_ratio']:.3f}x, memory {c['memory_ratio']:.3f}x\n")
   if "startup" in sections:
     s = res["startup"] = startup_bench(args)
     print("## Time to the first train step (fresh processes)\n")
     print(table([dict(cache=k, **v) for k, v in s.items()],
                 [("cache", "compile cache", "s"), ("import_s", "imports s", ".1f"), ("build_s", "model s", ".1f"),
-                 ("first_step_s", "step 1 s", ".1f"), ("capture_step_s", "step 2 (JIT capture) s", ".1f"),
+                 ("first_step_s", "step 1 (JIT capture) s", ".1f"), ("second_step_s", "step 2 s", ".1f"),
                  ("replay_step_s", "step 3 s", ".2f"), ("to_first_step_s", "start to end of step 1 s", ".1f")]) + "\n")
   res["machine"]["load_avg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
   if args.json:

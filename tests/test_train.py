@@ -124,6 +124,26 @@ def test_the_learning_rate_schedule_reaches_the_jitted_step():
       rates.append((b - p.numpy())[big] / u[big])
     assert np.median(np.concatenate(rates)) == pytest.approx(cosine_lr(step, c.lr, c.iters, c.warmup, c.min_lr_ratio), rel=1e-3)
 
+def test_the_first_step_is_the_captured_step():
+  """Step 1 captures both TinyJits and runs the capture, on its memory plan: it peaks no higher than a replay, and
+  nothing made once (a lazy weight, the RoPE table) is baked into the capture to be redone in every replay."""
+  from tinygrad.uop.ops import Ops
+  from tinylora.memory import peak_memory
+  from tinylora.models.llama import Model
+  Tensor.manual_seed(0)
+  cfg = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=48, max_position_embeddings=16)
+  m = tl.inject(Model.from_config(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+  tr, data, peaks = Trainer(m, TrainConfig(lr=1e-2, iters=3, warmup=0)), pattern_data(), []
+  for step in range(3):
+    with peak_memory() as p: tr.train_step([batch_at(data, step, 8, 12)])
+    peaks.append(p.peak)
+    if step == 0: assert tr._accumulate.captured is not None and tr._apply.captured is not None
+  assert peaks[0] <= peaks[2] == peaks[1], peaks
+  for jit in (tr._accumulate, tr._apply):
+    copies = [c for c in jit.captured._linear.toposort() if c.op is Ops.CALL and c.src[0].op is Ops.COPY]
+    assert copies == [], [(c.src[2].device, c.src[2].shape) for c in copies]
+
 def test_resume_continues_the_same_trajectory(tmp_path):
   data, cfg = pattern_data(), TrainConfig(lr=1e-2, iters=8, warmup=2)
   full = Trainer(model(), cfg)

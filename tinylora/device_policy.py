@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib, dataclasses, functools, warnings
 from typing import Any, Iterator
 from tinygrad import Device, Tensor, UOp, dtypes, function, nn
-from tinygrad.codegen import to_program
 from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
 from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.engine.realize import capturing, run_linear
@@ -26,6 +25,7 @@ from tinygrad.uop.symbolic import sym
 from tinygrad.codegen.simplify import pm_flatten_range, pm_load_collapse, pm_simplify_ranges, pm_split_ranges
 from tinygrad.schedule.multi import multi_pm
 from tinygrad.schedule.rangeify import pm_mops
+from tinylora.programs import compiled, to_program
 
 # ---- frozen linears on the CPU
 
@@ -133,12 +133,12 @@ def planned_schedule(linear: UOp) -> UOp:
 
 class _Planner:
   """At the head of tinygrad's `capturing` list (where a TinyJit collects the schedules of the call it captures), plans
-  each schedule, then hands it to the TinyJit capturing this call or, outside a capture, runs it as Tensor.realize
-  would."""
+  each schedule and compiles it through tinylora.programs' disk cache, then hands it to the TinyJit capturing this call
+  or, outside a capture, runs it as Tensor.realize would."""
   def __init__(self, jit: Any | None): self.jit = jit
   def add_linear(self, linear: UOp, var_vals: dict[str, int]) -> None:
-    if self.jit is not None: self.jit.add_linear(planned_schedule(linear), var_vals)
-    else: run_linear(planned_schedule(linear), var_vals)
+    if self.jit is not None: self.jit.add_linear(compiled(planned_schedule(linear)), var_vals)
+    else: run_linear(compiled(planned_schedule(linear)), var_vals)
 
 @contextlib.contextmanager
 def cpu_matmul_shapes() -> Iterator[None]:

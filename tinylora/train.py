@@ -72,6 +72,16 @@ def _check_devices(devices: str | Sequence[str]) -> tuple[str, ...]:
     except Exception as e: raise LoraError(f"device {d!r} of devices {names} cannot be opened: {e}") from e
   return canonical
 
+def _jit(step: Callable[..., Tensor]) -> TinyJit:
+  """`step` as a TinyJit that captures on its first call: the kernels are scheduled and compiled once (TinyJit's usual
+  eager first call would schedule them a second time) and the first call runs on the capture's memory plan. The eager
+  call exists to realize one-time work, such as lazy weights, outside the capture, so the Trainer realizes every tensor
+  a step reads before the first. CPU matmuls get their measured kernel shapes and every kernel comes from tinylora's
+  disk cache of compiled programs where an earlier process compiled it (tinylora/device_policy.py, tinylora/programs.py)."""
+  jit = TinyJit(cpu_matmul_shapes()(step))
+  jit.cnt = 1  # tinygrad 0.14: call 0 runs eagerly, call 1 captures, later calls replay
+  return jit
+
 class Trainer:
   """Updates only the model's LoRA tensors with AdamW. One optimizer step = `accum_steps` micro-batches:
   `_accumulate` (TinyJit) adds each micro-batch's gradients into buffers and returns (loss, gradient norm);
@@ -104,10 +114,11 @@ class Trainer:
     # real buffers now, so checkpoints can be restored into them before the first step
     self.opt.m, self.opt.v = [[t.contiguous().realize() for t in ts] for ts in (self.opt.m, self.opt.v)]
     self.opt.b1_t, self.opt.b2_t = [t.contiguous().realize().is_param_(False) for t in (self.opt.b1_t, self.opt.b2_t)]
+    self.opt.lr.realize()
     self.grads = [Tensor.zeros(*p.shape, dtype=p.dtype, device=p.device).contiguous().realize() for p in self.params]
-    # the steps' CPU matmuls get measured kernel shapes (tinylora/device_policy.py); nothing else does
-    self._accumulate, self._apply = TinyJit(cpu_matmul_shapes()(self._accumulate_fn)), TinyJit(cpu_matmul_shapes()(self._apply_fn))
-    self._eval = TinyJit(cpu_matmul_shapes()(lambda tokens, targets, mask: self.loss_fn(self.model, tokens, targets, mask).realize()))
+    Tensor.realize(*nn.state.get_parameters(model))  # see _jit: nothing a step reads may be left to compute
+    self._accumulate, self._apply = _jit(self._accumulate_fn), _jit(self._apply_fn)
+    self._eval = _jit(lambda tokens, targets, mask: self.loss_fn(self.model, tokens, targets, mask).realize())
     self.shape: tuple | None = None
 
   def _accumulate_fn(self, tokens: Tensor, targets: Tensor, mask: Tensor, keep: Tensor, scale: Tensor | None = None) -> Tensor:

@@ -12,7 +12,7 @@ import functools, math
 from dataclasses import dataclass, field
 import numpy as np
 from tinygrad import Tensor, UOp, dtypes, function, nn
-from tinygrad.helpers import TRAINING
+from tinygrad.helpers import TRAINING, Context
 from tinygrad.dtype import DType
 from tinylora.errors import LoraError
 from tinylora.lora import mixed_batch
@@ -112,7 +112,8 @@ def _rope_table(head_dim: int, theta: float, scaling: tuple, length: int, device
   the model's device (a tuple of devices: a copy on each)."""
   freqs = np.outer(np.arange(length, dtype=np.float32), rope_inv_freq(head_dim, theta, scaling))
   emb = np.concatenate([freqs, freqs], axis=-1)
-  return Tensor(np.cos(emb), device=device).realize(), Tensor(np.sin(emb), device=device).realize()
+  with Context(CAPTURING=0):  # made now even inside a TinyJit capture, which would otherwise redo it in every replay
+    return Tensor(np.cos(emb), device=device).realize(), Tensor(np.sin(emb), device=device).realize()
 
 def _rotate_half(x: Tensor) -> Tensor:
   x1, x2 = x.chunk(2, dim=-1)
@@ -136,10 +137,12 @@ class KVCache:
 
 # The .contiguous() calls below materialise tensors that feed matmuls (normed inputs, q and k after RoPE, attention
 # probabilities, the MLP hidden); without them tinygrad fuses the elementwise work into the matmul and recomputes it per
-# multiply-accumulate. The gate/up outputs need .contiguous_backward() instead: their gradients are elementwise products
-# that otherwise get recomputed inside the backward matmuls. Measured (CPU, 2 layers, d=256, 8/4 heads, ffn 688, vocab
-# 1024, 2x256 tokens, LoRA r=16 on all linears, step = loss + gradients of the LoRA tensors): none of these: forward 3.27,
-# step 13.1 GFLOP; all: forward 2.38, step 5.18 GFLOP (2.17x). Each one removed alone costs 0.03-4.3 GFLOP per step.
+# multiply-accumulate. The gate/up outputs also need .contiguous_backward(): their gradients are elementwise products
+# that otherwise get recomputed inside the backward matmuls; and their own .contiguous() keeps a checkpointed layer's
+# recompute from fusing both matmuls into one two-reduction kernel (bench/RESULTS.md). Measured (CPU, 2 layers, d=256,
+# 8/4 heads, ffn 688, vocab 1024, 2x256 tokens, LoRA r=16 on all linears, step = loss + gradients of the LoRA tensors):
+# none of these: forward 3.27, step 13.1 GFLOP; all: forward 2.38, step 5.18 GFLOP (2.17x). Each one removed alone costs
+# 0.03-4.3 GFLOP per step.
 class Attention:
   def __init__(self, config: ModelConfig, layer: int):
     self.config, self.layer = config, layer
@@ -179,7 +182,7 @@ class MLP:
     self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
   def __call__(self, x: Tensor, saved: list[Tensor] | None = None) -> Tensor:
-    gate, up = (base_forward(p, x).contiguous_backward() for p in (self.gate_proj, self.up_proj))
+    gate, up = (base_forward(p, x).contiguous().contiguous_backward() for p in (self.gate_proj, self.up_proj))
     hidden = (gate.silu() * up).contiguous()
     if saved is not None: saved += [gate, up, hidden]
     return base_forward(self.down_proj, hidden)
