@@ -153,8 +153,8 @@ class Trainer:
   def cross_device_bytes(self) -> int | None:
     """Bytes one micro-batch's step copies between devices, all devices together, read from its captured TinyJit graph,
     copies batched into device graphs included. With data parallel training that is the all-reduce of the LoRA
-    gradients and of the loss's two sums; the frozen base never moves. None until the second train_step captures the
-    step, and under HCQ2=1, whose compiled command queues do not show their copies."""
+    gradients and of the loss's two sums; the frozen base never moves. None before the first train_step (which
+    captures the step), and under HCQ2=1, whose compiled command queues do not show their copies."""
     def calls(linear: UOp) -> Iterator[UOp]:  # in order, repeats kept; a device graph's calls are its LINEAR's
       for c in linear.src:
         if c.src[0].op is Ops.CUSTOM_FUNCTION and c.src[0].arg == "graph": yield from calls(c.src[0].src[0])
