@@ -45,7 +45,7 @@ def scaling(cfg: dict, devices: tuple[str, ...], counts: list[int], per_device_b
     trainer = Trainer(build_model(cfg, r), TrainConfig(lr=1e-4, warmup=0), devices=devices[:n])
     step_batch = [make_batch(cfg, batch, seq)]
     start = time.perf_counter()
-    for _ in range(2): trainer.train_step(step_batch)  # eager + compile, then TinyJit capture
+    for _ in range(2): trainer.train_step(step_batch)  # TinyJit capture (compiles), then the first replay
     first = time.perf_counter() - start
     times = []
     for _ in range(steps):  # train_step reads the loss and norm back, so each step has finished on every device
