@@ -29,6 +29,7 @@ def step(mode: str) -> tuple[float, list[np.ndarray], int, int]:
   flops = GlobalCounters.global_ops  # read first: reading a function's outputs again may run it again
   return loss.item(), [g.numpy() for g in grads], flops, peak.added
 
+@pytest.mark.slow  # compiles three variants of the model's forward and backward: 1.5-2.5 minutes on 2 cores
 def test_function_and_checkpointed_layers_equal_inlined_layers():
   loss, grads, flops, mem = step("inline")
   f_loss, f_grads, f_flops, f_mem = step("function")
