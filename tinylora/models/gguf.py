@@ -17,6 +17,8 @@ from tinygrad.dtype import DType
 from tinygrad.llm.gguf import _GGML_QUANT, ggml_data_to_tensor, read_int32, read_int64, read_str, read_uint32, read_uint64, readers
 from tinylora.errors import LoraError
 from tinylora.io import atomic_path
+from tinylora.models.llama import Model, ModelConfig, _rope_scaling, rope_inv_freq
+from tinylora.models.pretrained import assign_weights
 from tinylora.quant import QuantizedEmbedding, QuantizedLinear, dequantize_array, pack_array, prepare_quantized
 from tinylora.tree import named_modules, unique_state_dict
 
@@ -169,7 +171,6 @@ def config_from_gguf(kv: dict, tensors: dict[str, TensorInfo], where: str) -> di
 
 def rope_freqs(head_dim: int, theta: float, scaling: tuple) -> np.ndarray:
   """llama.cpp's `rope_freqs` tensor for llama3 RoPE scaling: the factor each inverse frequency is divided by."""
-  from tinylora.models.llama import rope_inv_freq
   return (rope_inv_freq(head_dim, theta) / rope_inv_freq(head_dim, theta, scaling)).astype(np.float32)
 
 def llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, where: str) -> dict:
@@ -177,17 +178,16 @@ def llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, where: str)
   short ones kept, and in between 1/f = (1 - smooth) / factor + smooth with smooth = (L / wavelen - low) / (high - low)
   linear in 1/wavelen: with two or more such entries the line gives low and high for L = 8192 (any L with the same
   line gives the same frequencies); else Llama 3.x's own low 1, high 4, L 8192. Checked by recomputing the factors."""
-  from tinylora.models.llama import rope_inv_freq
   factor, wavelen = float(factors.max()), 2 * np.pi / rope_inv_freq(head_dim, theta).astype(np.float64)
   candidates, L = [(1.0, 4.0)], 8192.0
-  if (medium := (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))).sum() >= 2 and factor > 1:
+  if (medium := (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))).sum() >= 2:
     smooth = (1 / factors[medium].astype(np.float64) - 1 / factor) / (1 - 1 / factor)
     slope, intercept = np.polyfit(1 / wavelen[medium], smooth, 1)  # slope = L / (high - low), intercept = -low / (high - low)
     candidates.insert(0, (-intercept * L / slope, (1 - intercept) * L / slope))
   for low, high in candidates:
     scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low), "high_freq_factor": float(high),
                "original_max_position_embeddings": int(L)}
-    if np.allclose(rope_freqs(head_dim, theta, tuple((k, v) for k, v in scaling.items() if k != "rope_type")), factors, rtol=1e-5):
+    if np.allclose(rope_freqs(head_dim, theta, _rope_scaling({"rope_scaling": scaling})), factors, rtol=1e-5):
       return scaling
   raise LoraError(f"{where}: rope_freqs factors ({factors.min():.4g}..{factor:.4g}) do not follow llama3's RoPE scaling, "
                   "the only pattern supported")
@@ -218,8 +218,6 @@ def read_weights(kv: dict, tensors: dict[str, TensorInfo], config: dict, where: 
 def load_gguf(path: str | os.PathLike, dtype: DType | None = None, dequantize: bool = False):
   """A Model from a GGUF file (or the first file of a split set). Q4_0 / Q4_1 / Q8_0 weights stay packed as
   tinylora.quant layers unless `dequantize`; every other tensor is dequantized to `dtype` (default float16)."""
-  from tinylora.models.llama import Model, ModelConfig
-  from tinylora.models.pretrained import assign_weights
   kv, tensors = read_gguf(path)
   config = config_from_gguf(kv, tensors, str(path))
   weights, quantization = read_weights(kv, tensors, config, str(path), dequantize)
