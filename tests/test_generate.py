@@ -34,7 +34,7 @@ def test_jitted_decode_steps_replay_and_match_the_full_forward(model):
   seq = PROMPT + [5, 9, 60, 1, 33]
   decoder = Decoder(model, len(seq))
   steps = [decoder.prefill(PROMPT)] + [decoder.step(t, i) for i, t in enumerate(seq[len(PROMPT):-1], start=len(PROMPT))]
-  assert decoder.jit.captured is not None and decoder.jit.cnt == len(seq) - 1  # the prompt too: calls 3+ were replays
+  assert decoder.jit.captured is not None and decoder.jit.cnt == len(seq)  # cnt starts at 1: call 1 captured, calls 2+ replayed
   np.testing.assert_allclose(np.stack(steps), full_logits(model, seq)[len(PROMPT) - 1:-1], atol=1e-5, rtol=1e-5)
 
 def test_stop_tokens_end_generation_and_are_not_returned(model):

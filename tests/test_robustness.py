@@ -461,8 +461,8 @@ QA = f"base_model.model.{Q}.lora_A.weight"
   (lambda h: h.update({"__metadata__": [1]}), r"__metadata__ is not an object"),
 ], ids=["dtype list", "negative dims", "2**80 elements in 0 bytes", "int dtype", "metadata list"])
 def test_safetensors_header_errors_name_the_tensor(base, adapter_files, tmp_path, edit, message):
-  def by_another_tool(header: dict):  # which keeps no SHA-256 of tinylora's (that would refuse any edit first)
-    header["__metadata__"].pop(DIGEST)
+  def by_another_tool(header: dict):  # which keeps none of tinylora's metadata (its SHA-256 would refuse any edit first)
+    header["__metadata__"] = {k: v for k, v in header["__metadata__"].items() if not k.startswith("tinylora.")}
     edit(header)
   files = adapter_files["peft"]
   write_adapter(tmp_path, files | {WEIGHTS["peft"]: header_edit(files[WEIGHTS["peft"]], by_another_tool)})
@@ -471,10 +471,10 @@ def test_safetensors_header_errors_name_the_tensor(base, adapter_files, tmp_path
 
 def as_other_tool(raw: bytes, edit=lambda tensors: None) -> bytes:
   """A weights file as another tool writes it, after `edit(tensors)`: through the safetensors library, with the same
-  metadata but without tinylora's SHA-256 of the tensors."""
+  metadata but none of tinylora's (its SHA-256 of the tensors and of the config)."""
   tensors, metadata = safetensors_numpy.load(raw), json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
   edit(tensors)
-  return safetensors_numpy.save(tensors, {k: v for k, v in metadata.items() if k != DIGEST})
+  return safetensors_numpy.save(tensors, {k: v for k, v in metadata.items() if not k.startswith("tinylora.")})
 
 @pytest.mark.parametrize("fmt", sorted(WEIGHTS))
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
@@ -491,6 +491,13 @@ def test_a_flipped_bit_in_a_tensor_is_caught_in_files_tinylora_wrote(base, adapt
     return raw[:-1] + bytes([raw[-1] ^ 1])
   write_adapter(tmp_path, adapter_files[fmt] | {WEIGHTS[fmt]: flip(adapter_files[fmt][WEIGHTS[fmt]])})
   with pytest.raises(LoraError, match=rf"{WEIGHTS[fmt]}: its tensors do not match the SHA-256 tinylora saved"):
+    tl.load_adapter(base.model, tmp_path)
+  base.assert_untouched()
+  # the same flip and one in the name of the SHA-256's key (found by test_damaged_files_are_refused...): the file still
+  # carries tinylora's other keys, so it is not read as another tool's file, unchecked
+  def rename(header: dict): header["__metadata__"]["u" + DIGEST[1:]] = header["__metadata__"].pop(DIGEST)
+  write_adapter(tmp_path, adapter_files[fmt] | {WEIGHTS[fmt]: flip(header_edit(adapter_files[fmt][WEIGHTS[fmt]], rename))})
+  with pytest.raises(LoraError, match=rf"{WEIGHTS[fmt]}: written by tinylora .* but its SHA-256 '{DIGEST}' is missing"):
     tl.load_adapter(base.model, tmp_path)
   base.assert_untouched()
   # a file from another tool has no SHA-256 (safetensors itself keeps none): the same flip loads, as other numbers

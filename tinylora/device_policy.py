@@ -8,14 +8,15 @@
   gradients are needed because tinygrad derives gradients from the finished graph (`loss.gradient`) after the forward
   has run, so no forward can know whether they will be asked for (one taken through the merged weight is right, only
   slower).
-- `cpu_matmul_shapes`: while the Trainer's own steps are scheduled, CPU matmul kernels carry kernel shapes measured on
-  the CPU as their own options (`KernelInfo.opts_to_apply`, which tinygrad applies instead of its hand-coded heuristic,
-  in compile workers too); every other kernel keeps tinygrad's choice.
+- `cpu_matmul_shapes`: while the steps of `captured_jit` (the Trainer's, generate's decode step) are scheduled, CPU
+  matmul kernels carry kernel shapes measured on the CPU as their own options (`KernelInfo.opts_to_apply`, which
+  tinygrad applies instead of its hand-coded heuristic, in compile workers too); every other kernel keeps tinygrad's
+  choice.
 """
 from __future__ import annotations
 import contextlib, dataclasses, functools, warnings
-from typing import Any, Iterator
-from tinygrad import Device, Tensor, UOp, dtypes, function, nn
+from typing import Any, Callable, Iterator
+from tinygrad import Device, Tensor, TinyJit, UOp, dtypes, function, nn
 from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
 from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.engine.realize import capturing, run_linear
@@ -143,9 +144,20 @@ class _Planner:
 @contextlib.contextmanager
 def cpu_matmul_shapes() -> Iterator[None]:
   """Inside this block, kernels that Tensor.realize schedules carry the CPU matmul shapes (see `planned_kernel`); when
-  it ends, in any way, tinygrad schedules as before. The Trainer wraps its TinyJit'd steps in it. No tensor data can be
+  it ends, in any way, tinygrad schedules as before. `captured_jit` wraps its steps in it. No tensor data can be
   read inside (as in a TinyJit capture)."""
   planner = _Planner(capturing[0] if capturing else None)
   capturing.insert(0, planner)
   try: yield
   finally: capturing.remove(planner)
+
+def captured_jit(step: Callable[..., Any]) -> TinyJit:
+  """`step` as a TinyJit that captures on its first call: the kernels are scheduled and compiled once (TinyJit's usual
+  eager first call would schedule them a second time) and the first call runs on the capture's memory plan. The eager
+  call exists to realize one-time work, such as lazy weights, outside the capture, so every tensor the step reads must
+  be realized before the first call. CPU matmuls get their measured kernel shapes (`cpu_matmul_shapes`); a step that
+  realizes through tinylora.programs.realize and every kernel come from tinylora's disk cache where an earlier process
+  scheduled and compiled them. The Trainer's steps and generate's decode step are made here."""
+  jit = TinyJit(cpu_matmul_shapes()(step))
+  jit.cnt = 1  # tinygrad 0.14: call 0 runs eagerly, call 1 captures, later calls replay
+  return jit

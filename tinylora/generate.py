@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Iterable
 import weakref
 import numpy as np
-from tinygrad import Tensor, TinyJit, UOp
+from tinygrad import Tensor, UOp
+from tinylora.device_policy import captured_jit
 from tinylora.errors import LoraError
 from tinylora.models.llama import Model
+from tinylora.programs import realize
 from tinylora.tree import named_modules
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
@@ -38,12 +40,12 @@ class Decoder:
     self.model, self.max_len = weakref.ref(model), max_len
     self.cache = model.make_cache(len(adapter_names) if adapter_names else rows, max_len)
     self.pos = UOp.variable("start_pos", 0, max_len - 1)
-    self.jit = TinyJit(self._step)
+    self.jit = captured_jit(self._step)
     self.state, self.tokens = module_state(model), []  # the tokens whose keys and values the cache holds, by position
 
   def _step(self, tokens: Tensor, start_pos: UOp) -> Tensor:
     names = {"adapter_names": list(self.adapter_names)} if self.adapter_names else {}
-    return self.model()(tokens, start_pos, self.cache, **names)[:, -1].realize()
+    return realize(self.model()(tokens, start_pos, self.cache, **names)[:, -1])
 
   def prefill(self, tokens: list[int]) -> np.ndarray:
     """Caches the prompt at positions [0, len(tokens)) and returns the logits that follow it. Positions whose tokens

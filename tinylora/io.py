@@ -43,6 +43,11 @@ _ST_NAMES = {np.dtype(v): k for k, v in _NP_DTYPES.items()}
 # structure checks cannot see a flipped bit inside a tensor. Files from other tools have none and are read as they are.
 DIGEST = "tinylora.sha256"
 
+def _tinylora_key(key: str) -> bool:
+  """Whether a metadata key is one of tinylora's ("tinylora." keys), allowing for up to 3 damaged characters: a file
+  whose digest key was hit must not read as another tool's file, whose tensors go unchecked."""
+  return len(key) >= len("tinylora.") and sum(a != b for a, b in zip(key, "tinylora.")) <= 3
+
 def _digest(entries: dict, chunks: Iterable) -> str:
   """SHA-256 of the tensor entries of a header (names, dtypes, shapes, offsets) and then of the tensor bytes."""
   h = hashlib.sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode())
@@ -81,8 +86,11 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     if dtype == "BF16": arr = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
     else: arr = np.frombuffer(raw, _NP_DTYPES[dtype]).copy()
     out[key] = arr.reshape(shape)
-  if DIGEST in metadata and metadata.pop(DIGEST) != _digest(header, [body]):
+  if (digest := metadata.pop(DIGEST, None)) is not None and digest != _digest(header, [body]):
     raise LoraError(f"{path}: its tensors do not match the SHA-256 tinylora saved with them (changed or damaged since)")
+  if digest is None and any(map(_tinylora_key, metadata)):
+    raise LoraError(f"{path}: written by tinylora (metadata keys {sorted(metadata)}) but its SHA-256 {DIGEST!r} is "
+                    f"missing (damaged or edited since)")
   return out, {str(k): str(v) for k, v in metadata.items()}
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

@@ -5,7 +5,7 @@ import math, os, pathlib, shutil, time
 from dataclasses import dataclass, asdict
 from typing import Any, Callable, Iterator, Sequence
 import numpy as np
-from tinygrad import Device, Tensor, TinyJit, UOp, nn, dtypes
+from tinygrad import Device, Tensor, UOp, nn, dtypes
 from tinygrad.device import canonicalize_device
 from tinygrad.helpers import Context, tqdm
 from tinygrad.uop.ops import Ops
@@ -14,9 +14,10 @@ from tinylora.config import is_int, is_number
 from tinylora.data import Example, batch_at, eval_batches
 from tinylora.errors import LoraError
 from tinylora.io import check_arrays, read_json, read_safetensors, write_json, write_safetensors
-from tinylora.device_policy import cpu_matmul_shapes
+from tinylora.device_policy import captured_jit
 from tinylora.lora import lora_layers, trainable_parameters
 from tinylora.precision import LossScale, check_dtype
+from tinylora.programs import realize
 
 def lm_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
   """Mean next-token cross-entropy over the positions where mask is 1 (prompt and padding have mask 0)."""
@@ -72,16 +73,6 @@ def _check_devices(devices: str | Sequence[str]) -> tuple[str, ...]:
     except Exception as e: raise LoraError(f"device {d!r} of devices {names} cannot be opened: {e}") from e
   return canonical
 
-def _jit(step: Callable[..., Tensor]) -> TinyJit:
-  """`step` as a TinyJit that captures on its first call: the kernels are scheduled and compiled once (TinyJit's usual
-  eager first call would schedule them a second time) and the first call runs on the capture's memory plan. The eager
-  call exists to realize one-time work, such as lazy weights, outside the capture, so the Trainer realizes every tensor
-  a step reads before the first. CPU matmuls get their measured kernel shapes and every kernel comes from tinylora's
-  disk cache of compiled programs where an earlier process compiled it (tinylora/device_policy.py, tinylora/programs.py)."""
-  jit = TinyJit(cpu_matmul_shapes()(step))
-  jit.cnt = 1  # tinygrad 0.14: call 0 runs eagerly, call 1 captures, later calls replay
-  return jit
-
 class Trainer:
   """Updates only the model's LoRA tensors with AdamW. One optimizer step = `accum_steps` micro-batches:
   `_accumulate` (TinyJit) adds each micro-batch's gradients into buffers and returns (loss, gradient norm);
@@ -116,9 +107,9 @@ class Trainer:
     self.opt.b1_t, self.opt.b2_t = [t.contiguous().realize().is_param_(False) for t in (self.opt.b1_t, self.opt.b2_t)]
     self.opt.lr.realize()
     self.grads = [Tensor.zeros(*p.shape, dtype=p.dtype, device=p.device).contiguous().realize() for p in self.params]
-    Tensor.realize(*nn.state.get_parameters(model))  # see _jit: nothing a step reads may be left to compute
-    self._accumulate, self._apply = _jit(self._accumulate_fn), _jit(self._apply_fn)
-    self._eval = _jit(lambda tokens, targets, mask: self.loss_fn(self.model, tokens, targets, mask).realize())
+    Tensor.realize(*nn.state.get_parameters(model))  # see captured_jit: nothing a step reads may be left to compute
+    self._accumulate, self._apply = captured_jit(self._accumulate_fn), captured_jit(self._apply_fn)
+    self._eval = captured_jit(lambda tokens, targets, mask: realize(self.loss_fn(self.model, tokens, targets, mask)))
     self.shape: tuple | None = None
 
   def _accumulate_fn(self, tokens: Tensor, targets: Tensor, mask: Tensor, keep: Tensor, scale: Tensor | None = None) -> Tensor:
@@ -128,7 +119,7 @@ class Trainer:
     # where, not g * keep: a refused step's nan would survive multiplication by 0 and poison every later step
     acc = [g.assign((keep != 0).where(g, 0) + d) for g, d in zip(self.grads, grads)]
     norm = Tensor.stack(*[a.float().square().sum() for a in acc]).sum().sqrt()
-    return Tensor.stack(loss.float(), norm).realize(*acc)
+    return realize(Tensor.stack(loss.float(), norm), *acc)
 
   def _apply_fn(self, lr: Tensor) -> Tensor:
     n = self.config.accum_steps
@@ -136,7 +127,7 @@ class Trainer:
     coef = (self.config.grad_clip / (norm + 1e-6)).minimum(1.0) / n if self.config.grad_clip > 0 else Tensor(1.0 / n)
     for p, g in zip(self.params, self.grads): p.grad = (g * coef).cast(p.dtype)
     self.opt.lr.assign(lr)
-    return norm.realize(*self.opt.schedule_step())
+    return realize(norm, *self.opt.schedule_step())
 
   def _put(self, x: Tensor, axis: int | None = None) -> Tensor:
     """x on the Trainer's devices: split along `axis` across them, or (axis None) a copy on each."""
