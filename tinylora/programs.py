@@ -7,7 +7,7 @@ tinygrad's in-memory caches, under the keys tinygrad itself uses there.
 CACHELEVEL=0 turns this off with the rest of tinygrad's disk cache, SCACHE=0 the schedules with tinygrad's own schedule
 cache; a BEAM search (BEAM, JITBEAM) compiles as usual."""
 from __future__ import annotations
-import hashlib, importlib.metadata
+import functools, hashlib, importlib.metadata
 from typing import Callable
 from tinygrad import Device, Tensor, UOp
 from tinygrad.codegen import to_program_cache, to_program_key, to_program as lower
@@ -54,13 +54,14 @@ def realize(first: Tensor, *rest: Tensor) -> Tensor:
   todo = [t for t in (first, *rest) if not t.uop.is_virtual and not t.uop.has_buffer_identity()]  # Tensor.realize's predicate
   if not todo: return first
   function, known = transform_to_call(UOp.sink(*[t.uop for t in todo]))[0].src[0], set()
+  disk_key = functools.cache(schedule_key)  # a body missing on disk is hashed once, to read and then to store
   def read(body: UOp, key: bytes) -> UOp | None:
-    if (linear := schedule_cache.get(key)) is None and (linear := diskcache_get(SCHEDULES, schedule_key(body))) is not None:
+    if (linear := schedule_cache.get(key)) is None and (linear := diskcache_get(SCHEDULES, disk_key(body))) is not None:
       schedule_cache[key] = linear
     if linear is not None: known.add(body)
     return linear
   def store(body: UOp, key: bytes) -> UOp | None:
-    if (linear := schedule_cache.get(key)) is not None and body not in known: diskcache_put(SCHEDULES, schedule_key(body), linear)
+    if (linear := schedule_cache.get(key)) is not None and body not in known: diskcache_put(SCHEDULES, disk_key(body), linear)
     return linear
   _bodies(function, read)
   Tensor.realize(*todo)
