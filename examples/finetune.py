@@ -94,7 +94,8 @@ def parse_args() -> argparse.Namespace:
                                    "--batch-size must be a multiple of their count")
   p.add_argument("--val-every", type=int, default=10)
   p.add_argument("--save-every", type=int, default=50)
-  p.add_argument("--no-mask-prompt", action="store_true", help="train on the prompt tokens too")
+  p.add_argument("--no-mask-prompt", action="store_true", help="train on the prompt tokens too (default: no loss on the "
+                 "prompt, as `tinylora train`)")
   p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()

@@ -128,3 +128,13 @@ def test_help_documents_every_flag_and_bad_flags_fail_in_one_line():
             "--max-seq-length", "--resume-adapter-file", "--grad-checkpoint", "--config", "--rank", "--alpha", "--targets",
             "--dora", "--format"):
     assert f in flags, f
+
+def test_train_masks_the_prompt_by_default(tmp_path):
+  """`tinylora train` trains with no loss on the prompt, as the library and the example do; --no-mask-prompt (or the
+  config's mask_prompt: false) trains on every token."""
+  from tinylora.cli import _train_args
+  def parsed(*flags) -> bool: return _train_args(_parser().parse_args(["train", "--model", "m", "--data", "d", "--train", *flags])).mask_prompt
+  config = tmp_path / "c.json"
+  config.write_text(json.dumps({"mask_prompt": False}))
+  assert parsed() is True and parsed("--mask-prompt") is True and parsed("--no-mask-prompt") is False
+  assert parsed("-c", str(config)) is False and parsed("-c", str(config), "--mask-prompt") is True

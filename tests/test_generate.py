@@ -138,3 +138,31 @@ def test_mixed_adapter_rows_generate_as_each_adapter_alone():
   assert len({tuple(r) for r in (alone_b, generate(model, PROMPT, 5))}) == 2  # the adapters do change the output
   with pytest.raises(LoraError, match="one per adapter name"): generate(model, [PROMPT], 3, adapter_names=["a", "b"])
   with pytest.raises(LoraError, match="unknown adapter"): generate(model, [PROMPT], 3, adapter_names=["c"])
+
+def test_decoders_kept_per_model_are_bounded():
+  """A long-lived process asking for many batch sizes and adapter sets keeps at most DECODERS_PER_MODEL decoders per
+  model: the least recently used one is dropped, and freed at once with its KV cache; the decoders never keep the model
+  alive."""
+  import gc, weakref
+  from tinylora import LoraConfig, inject
+  from tinylora.generate import DECODERS_PER_MODEL, _decoders, decoder_for
+  model = Model.from_config(CONFIG)
+  inject(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), adapter_name="a")
+  assert generate(model, [PROMPT, PROMPT[:2]], 2, adapter_names=["a", "__base__"]) is not None  # a captured decoder
+  first = decoder_for(model, 8, 2, ("a", "__base__"))
+  decoder, kv = weakref.ref(first), weakref.ref(first.cache.k[0].uop.buffer)
+  del first
+  gc.collect()
+  gc.disable()  # freed by reference counting, not left for a cycle collection
+  try:
+    for rows in range(3, 3 + DECODERS_PER_MODEL): decoder_for(model, 8, rows)
+    assert decoder() is None and kv() is None
+  finally: gc.enable()
+  for names in [("a",), ("__base__",), ("a", "a"), ("a", "__base__", "a"), ("__base__", "a")]:
+    decoder_for(model, 8, len(names), names)
+    assert len(_decoders[model]) == DECODERS_PER_MODEL
+  assert list(_decoders[model])[-1] == (2, ("__base__", "a"))  # the most recent kept last
+  model_ref = weakref.ref(model)
+  del model
+  gc.collect()
+  assert model_ref() is None

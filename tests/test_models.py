@@ -3,7 +3,7 @@ HF-layout checkpoints that the tests write themselves."""
 import json, struct, sys, types
 import numpy as np, pytest
 from safetensors.numpy import load_file, save_file
-from tinygrad import Tensor, dtypes, nn
+from tinygrad import Device, Tensor, dtypes, nn
 from tinylora.errors import LoraError
 from tinylora.models import Model, ModelConfig, load_pretrained, save_pretrained
 
@@ -293,6 +293,13 @@ def test_save_refuses_unsupported_dtypes(tmp_path, dtype):
 
 def test_start_pos_needs_a_cache():
   with pytest.raises(LoraError, match="start_pos > 0 needs a KV cache"): lazy_model(tiny_config())(Tensor(tokens_np()), 3)
+
+def test_rope_tables_kept_are_bounded():
+  """The RoPE tables kept between calls are the ROPE_TABLES most recently used: a process that sees many sequence
+  lengths does not keep a table for each."""
+  from tinylora.models.llama import ROPE_TABLES, _rope_table
+  for length in range(1, 3 * ROPE_TABLES): _rope_table(8, 10000.0, (), length, Device.DEFAULT)
+  assert _rope_table.cache_info().currsize == ROPE_TABLES
 
 def test_missing_files(tmp_path):
   with pytest.raises(FileNotFoundError, match="nowhere"): load_pretrained(tmp_path / "nowhere")

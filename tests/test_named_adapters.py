@@ -1,5 +1,6 @@
 """Several named adapters on one base: adding, choosing, deleting, saving and loading them, training and merging only
 the active one, and mixed batches whose rows use different adapters in one pass."""
+import inspect
 import numpy as np, pytest
 from tinygrad import Tensor, nn
 import tinylora as tl
@@ -100,10 +101,11 @@ def test_mixed_batch_rows_equal_each_adapter_alone():
   tl.set_adapter(m, "default")
   with tl.mixed_batch(m, rows, len(rows)): mixed = m(tok).numpy()
   for i, name in enumerate(rows): np.testing.assert_allclose(mixed[i], alone[name][i], rtol=1e-5, atol=1e-5, err_msg=f"row {i} ({name})")
-  assert all(l.rows is None for l in tl.lora_layers(m).values())  # the selection lasts for the block only
+  assert all(l.row_masks is None for l in tl.lora_layers(m).values())  # the selection lasts for the block only
   np.testing.assert_array_equal(m(tok).numpy(), alone["default"])
 
-def test_llama_adapter_names_keyword():
+def test_llama_rows_routed_by_mixed_batch():
+  """The model knows nothing of adapters: a mixed batch is the caller's `with mixed_batch(...)` around its call."""
   Tensor.manual_seed(0)
   model = Model.from_config(LLAMA)
   tokens = Tensor(np.random.default_rng(0).integers(0, 64, (3, 6)).astype(np.int32))
@@ -111,11 +113,14 @@ def test_llama_adapter_names_keyword():
   alone = {n: tl.set_adapter(model, n)(tokens).numpy() for n in ("default", "dora")}
   with tl.disabled(model): alone["__base__"] = model(tokens).numpy()
   rows = ["dora", "__base__", "default"]
-  mixed = model(tokens, adapter_names=rows).numpy()
+  with tl.mixed_batch(model, rows): mixed = model(tokens).numpy()
   for i, name in enumerate(rows): np.testing.assert_allclose(mixed[i], alone[name][i], rtol=1e-5, atol=1e-5, err_msg=name)
-  with pytest.raises(LoraError, match=r"adapter_names has 2 name\(s\) for a batch of 3"): model(tokens, adapter_names=["dora", "default"])
-  with pytest.raises(LoraError, match=r"unknown adapter\(s\) \['nope'\]"): model(tokens, adapter_names=["dora", "nope", "default"])
-  with pytest.raises(LoraError, match="list of adapter names"): model(tokens, adapter_names="dora")
+  assert "adapter_names" not in inspect.signature(Model.__call__).parameters
+  with pytest.raises(LoraError, match=r"adapter_names has 2 name\(s\) for a batch of 3"):
+    with tl.mixed_batch(model, ["dora", "default"]): model(tokens)  # no batch_size given: the layers check the rows
+  with pytest.raises(LoraError, match=r"adapter_names has 2 name\(s\) for a batch of 3"), tl.mixed_batch(model, ["dora", "default"], 3): pass
+  with pytest.raises(LoraError, match=r"unknown adapter\(s\) \['nope'\]"), tl.mixed_batch(model, ["dora", "nope", "default"]): pass
+  with pytest.raises(LoraError, match="list of adapter names"), tl.mixed_batch(model, "dora"): pass
   np.testing.assert_array_equal(model(tokens).numpy(), alone["dora"])  # refused calls left no selection behind
 
 def test_bad_names_are_refused_and_nothing_changes(tmp_path, tokens):

@@ -233,3 +233,21 @@ def test_data_errors(call, message):
 def test_dataset_file_errors(tmp_path, content, message):
   (tmp_path / "train.jsonl").write_bytes(content)
   with pytest.raises(LoraError, match=rf"train\.jsonl.*{message}"): load_dataset(tmp_path / "train.jsonl", Tok())
+
+def test_grad_checkpoint_holds_for_the_trainers_steps_only():
+  """TrainConfig(grad_checkpoint=True) sets the model's flag while the Trainer's own steps capture (train and evaluate)
+  and restores it after: a model handed back after training computes as it did before."""
+  from tinylora.models.llama import Model
+  Tensor.manual_seed(0)
+  cfg = dict(model_type="llama", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+             num_key_value_heads=1, vocab_size=48, max_position_embeddings=16)
+  m = tl.inject(Model.from_config(cfg), LoraConfig(r=2, target_modules=["q_proj"]))
+  seen = []
+  def loss_fn(model, tokens, targets, mask):
+    seen.append(model.grad_checkpoint)
+    return lm_loss(model(tokens), targets, mask)
+  tr = Trainer(m, TrainConfig(iters=2, warmup=0, grad_checkpoint=True), loss_fn=loss_fn)
+  assert not m.grad_checkpoint
+  tr.train_step([batch_at(pattern_data(), 0, 4, 12)])
+  tr.evaluate([batch_at(pattern_data(), 1, 4, 12)])
+  assert seen == [True, True] and not m.grad_checkpoint

@@ -38,8 +38,9 @@ def _train_parser(sub) -> None:
   p.add_argument("--warmup", type=int, help="linear warmup steps before the cosine decay (default 0)")
   p.add_argument("--num-layers", type=int, help="adapt the last N decoder layers, -1 for all (default 16)")
   p.add_argument("--max-seq-length", type=int, help="tokens per sequence; longer examples are truncated (default 2048)")
-  p.add_argument("--mask-prompt", action="store_true", default=None, help="no loss on the prompt (everything before "
-                 "the completion or the last message)")
+  p.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None, help="no loss on the prompt "
+                 "(everything before the completion or the last message), as the library and the example do (default); "
+                 "--no-mask-prompt trains on every token, as mlx-lm does by default")
   p.add_argument("--rank", type=int, help="LoRA rank r (default 8)")
   p.add_argument("--alpha", type=float, help="LoRA alpha; the scale is alpha / r (default 2 * rank)")
   p.add_argument("--dropout", type=float, help="dropout on the adapter's input (default 0)")
@@ -58,7 +59,7 @@ def _train_parser(sub) -> None:
   p.add_argument("--seed", type=int, help="random seed (default 0)")
 
 TRAIN_DEFAULTS = dict(train=False, test=False, iters=1000, batch_size=4, learning_rate=1e-5, warmup=0, num_layers=16,
-                      max_seq_length=2048, mask_prompt=False, rank=8, alpha=None, dropout=0.0, targets=ALL7, dora=False,
+                      max_seq_length=2048, mask_prompt=True, rank=8, alpha=None, dropout=0.0, targets=ALL7, dora=False,
                       adapter_path="adapters", format="peft", resume_adapter_file=None, steps_per_eval=200,
                       val_batches=25, save_every=100, grad_checkpoint=False, devices=None, seed=0, model=None, data=None)
 

@@ -1,20 +1,22 @@
 """Autoregressive generation with a KV cache and a TinyJit'd one-token step whose position is a bound Variable.
 
-Each model keeps one decoder (cache + jitted step) between calls, and prompts are fed through that same step one token
-at a time, so every prompt length and every call replays the same kernels instead of compiling a prefill graph per
-prompt length and a new step per call. With `cache_prompt=True` a prompt prefix the cache already holds is not
-computed again. The decoder is rebuilt when the model's modules change (injection, merge,
-unload, enabling or disabling adapters) or a longer sequence is asked for: a LoRA-injected model generates with its
-adapters as they are when `generate` is called.
+Each model keeps its recently used decoders (cache + jitted step, one per batch size and adapter set, at most
+DECODERS_PER_MODEL) between calls, and prompts are fed through that same step one token at a time, so every prompt
+length and every call replays the same kernels instead of compiling a prefill graph per prompt length and a new step
+per call. With `cache_prompt=True` a prompt prefix the cache already holds is not computed again. The decoder is
+rebuilt when the model's modules change (injection, merge, unload, enabling or disabling adapters) or a longer sequence
+is asked for: a LoRA-injected model generates with its adapters as they are when `generate` is called.
 """
 from __future__ import annotations
-from typing import Iterable
-import weakref
+from collections import OrderedDict
+from typing import Callable, Iterable
+import contextlib, weakref
 import numpy as np
 from tinygrad import Tensor, UOp
 from tinylora.device_policy import captured_jit
 from tinylora.errors import LoraError
-from tinylora.models.llama import Model
+from tinylora.lora import mixed_batch
+from tinylora.models.llama import KVCache, Model
 from tinylora.programs import realize
 from tinylora.tree import named_modules
 
@@ -40,12 +42,8 @@ class Decoder:
     self.model, self.max_len = weakref.ref(model), max_len
     self.cache = model.make_cache(len(adapter_names) if adapter_names else rows, max_len)
     self.pos = UOp.variable("start_pos", 0, max_len - 1)
-    self.jit = captured_jit(self._step)
+    self.jit = captured_jit(_decode_step(self.model, self.cache, adapter_names))
     self.state, self.tokens = module_state(model), []  # the tokens whose keys and values the cache holds, by position
-
-  def _step(self, tokens: Tensor, start_pos: UOp) -> Tensor:
-    names = {"adapter_names": list(self.adapter_names)} if self.adapter_names else {}
-    return realize(self.model()(tokens, start_pos, self.cache, **names)[:, -1])
 
   def prefill(self, tokens: list[int]) -> np.ndarray:
     """Caches the prompt at positions [0, len(tokens)) and returns the logits that follow it. Positions whose tokens
@@ -64,20 +62,33 @@ class Decoder:
     """Caches one token per row at position `pos` and returns each row's next logits (rows, vocab)."""
     return self.jit(Tensor([[t] for t in tokens]), self.pos.bind(pos)).numpy()
 
+def _decode_step(model: weakref.ref[Model], cache: KVCache, adapter_names: tuple[str, ...] | None) -> Callable:
+  """The one-token step a Decoder captures. It holds no reference to the Decoder, so a dropped Decoder is freed at once
+  with its KV cache and captured kernels, not at the next cycle collection."""
+  def step(tokens: Tensor, start_pos: UOp) -> Tensor:
+    m = model()
+    with mixed_batch(m, list(adapter_names), len(adapter_names)) if adapter_names else contextlib.nullcontext():
+      return realize(m(tokens, start_pos, cache)[:, -1])
+  return step
+
 def module_state(model: Model) -> tuple:
   """What a captured decode step depends on besides tensor values: which modules sit where, and their adapter flags."""
   return tuple((path, id(m), *(getattr(m, a, None) for a in ("merged", "enabled", "active"))) for path, m, _, _ in named_modules(model))
 
-_decoders: weakref.WeakKeyDictionary[Model, dict[tuple, Decoder]] = weakref.WeakKeyDictionary()
+DECODERS_PER_MODEL = 4  # decoders kept per model; each holds a KV cache and a captured step
+_decoders: weakref.WeakKeyDictionary[Model, OrderedDict[tuple, Decoder]] = weakref.WeakKeyDictionary()
 
 def decoder_for(model: Model, length: int, rows: int = 1, adapter_names: tuple[str, ...] | None = None) -> Decoder:
   """The model's decoder (one per batch size and adapter_names), rebuilt if the model changed or `length` positions do
-  not fit (sizes grow by powers of two, at least 256, at most the model's max_position_embeddings)."""
-  decoders = _decoders.setdefault(model, {})
+  not fit (sizes grow by powers of two, at least 256, at most the model's max_position_embeddings). The model keeps its
+  DECODERS_PER_MODEL most recently used decoders; an older one is dropped with its KV cache (and rebuilt if asked again)."""
+  decoders = _decoders.setdefault(model, OrderedDict())
   decoder = decoders.get(key := (rows, adapter_names))
   if decoder is None or decoder.max_len < length or decoder.state != module_state(model):
     size = max(length, min(max(256, 1 << (length - 1).bit_length()), model.config.max_position_embeddings))
     decoder = decoders[key] = Decoder(model, size, rows, adapter_names)
+  decoders.move_to_end(key)
+  while len(decoders) > DECODERS_PER_MODEL: decoders.popitem(last=False)
   return decoder
 
 def generate(model: Model, tokens: list[int] | list[list[int]], max_new_tokens: int, temperature: float = 0.0,

@@ -1,7 +1,7 @@
 """The LoRA linear (LoRA and DoRA, several named adapters per linear) and the functions that put adapters into a
 model, choose the active one, count, merge and remove them."""
 from __future__ import annotations
-import contextlib, itertools, math, warnings
+import contextlib, math, warnings
 from typing import Any, Callable, Iterator
 from tinygrad import Tensor, dtypes, nn
 from tinylora.config import LoraConfig
@@ -12,7 +12,6 @@ from tinylora.tree import named_modules, replace_module, unique_state_dict
 
 DEFAULT = "default"  # the adapter name when none is given, as in PEFT
 BASE = "__base__"    # in mixed batches: a row that uses no adapter (PEFT's spelling)
-_created = itertools.count()  # orders adapters by when they were added, across linears
 
 def base_weight(base: Any) -> Tensor:
   """The (out, in) weight of a linear or quantized linear, in float32."""
@@ -27,7 +26,8 @@ class Adapter:
     # realized now: a lazy constant would be folded into a TinyJit's kernels and never see optimizer updates
     self.lora_A, self.lora_B = A.contiguous().realize(), B.contiguous().realize()
     self.magnitude = None if magnitude is None else magnitude.contiguous().realize()
-    self.scale, self.dropout, self.config, self.created = scale, dropout, config, next(_created)
+    self.scale, self.dropout, self.config = scale, dropout, config
+    self.order = 0  # its place among the model's adapters by when each was added (set by add_adapter and inject)
 
   @property
   def r(self) -> int: return self.lora_A.shape[0]
@@ -41,7 +41,7 @@ class Adapter:
     section 4.3)."""
     return self.magnitude / row_norm(base_weight(base) + self.delta_weight()).detach()
 
-  def output(self, x: Tensor, y: Tensor, base: Any) -> Tensor:
+  def output_delta(self, x: Tensor, y: Tensor, base: Any) -> Tensor:
     """What this adapter adds to the base output y = x @ W.T + bias: the low-rank delta d, or with DoRA
     g * (x @ W.T + d) + bias - y for g = m / ||W + scale * B @ A|| (the bias is not rescaled, as in PEFT and mlx-lm)."""
     h = x.cast(self.lora_A.dtype).dropout(self.dropout) if self.dropout else x.cast(self.lora_A.dtype)
@@ -65,7 +65,7 @@ class LoraLinear:
     self.base, self.adapters, self.active = base, {}, adapter_name
     self.merged, self.enabled = False, True
     self._dora_scale: Tensor | None = None  # DoRA while merged: the row scale the merge applied, to undo it
-    self.rows: dict[str, Tensor] | None = None  # set by mixed_batch: a (B, 1, 1) row selector per adapter name
+    self.row_masks: dict[str, Tensor] | None = None  # set by mixed_batch: a (B, 1, 1) 0/1 row mask per adapter name
     self.add_adapter(adapter_name, r, scale, dropout, init, weights, use_dora, magnitude, config)
 
   def add_adapter(self, name: str, r: int, scale: float, dropout: float = 0.0, init: bool | str = True,
@@ -91,6 +91,7 @@ class LoraLinear:
                         f"this ({out_features}, {in_features}) linear are zero")
       # m starts as ||W|| (B = 0), so the adapter starts as the identity, as PEFT and mlx-lm initialise it
       adapter.magnitude = (Tensor(norm) if magnitude is None else magnitude.float()).contiguous().realize()
+    adapter.order = 1 + max((a.order for a in self.adapters.values()), default=-1)
     self.adapters[name] = adapter
 
   @property
@@ -112,18 +113,19 @@ class LoraLinear:
   def in_features(self) -> int: return linear_shape(self.base)[1]
 
   def __call__(self, x: Tensor) -> Tensor:
-    if self.merged or not self.enabled or (self.rows is None and self.active not in self.adapters):
+    if self.merged or not self.enabled or (self.row_masks is None and self.active not in self.adapters):
       return base_forward(self.base, x)
-    if self.rows is None and merge_on_the_fly(self.base, x):
+    if self.row_masks is None and merge_on_the_fly(self.base, x):
       # no training, so no gradients through the weight: merged on the fly, one matmul
       return x.linear(self.merged_weight().cast(self.base.weight.dtype).T, self.base.bias)
     y = base_forward(self.base, x)
     # the low-rank delta in its own small kernels, added in the base matmul's epilogue: a kernel holding both
     # reductions gets none of tinygrad's matmul optimisations (and sums the base product in another order)
-    if self.rows is None: return y + self.adapter.output(x, y, self.base)
+    if self.row_masks is None: return y + self.adapter.output_delta(x, y, self.base)
     out = y
-    for name, sel in self.rows.items():  # mixed batch: every adapter over the whole batch, kept on its own rows
-      if name in self.adapters: out = out + self.adapters[name].output(x, y, self.base) * sel.cast(y.dtype)
+    for name, mask in self.row_masks.items():  # mixed batch: every adapter over the whole batch, kept on its own rows
+      _check_rows(mask.shape[0], x.shape[0])
+      if name in self.adapters: out = out + self.adapters[name].output_delta(x, y, self.base) * mask.cast(y.dtype)
     return out
 
   def delta_weight(self) -> Tensor:
@@ -177,27 +179,26 @@ class LoraLinear:
     out.bias = self.base.bias
     return out
 
-def _lora_modules(model: Any) -> list[tuple[str, LoraLinear, Any, Any]]:
-  return [(p, m, parent, k) for p, m, parent, k in named_modules(model) if isinstance(m, LoraLinear)]
-
-def _linears(model: Any) -> Iterator[tuple[str, Any, Any, Any]]:
-  """(path, module, parent, key) of every linear an adapter could wrap; a LoraLinear stands for the linear inside it."""
-  inside = None
+def _linears(model: Any, lora_only: bool = False) -> list[tuple[str, Any, Any, Any]]:
+  """(path, module, parent, key) of every linear an adapter could wrap, a LoraLinear standing for the linear inside it;
+  with `lora_only`, of the LoraLinears only. A list, so callers may replace modules as they go through it."""
+  found, inside = [], None
   for p, m, parent, k in named_modules(model):
     if inside is not None and p.startswith(inside): continue
     if isinstance(m, LoraLinear): inside = p + "."
-    if isinstance(m, LoraLinear) or linear_shape(m) is not None: yield p, m, parent, k
+    if isinstance(m, LoraLinear) or (not lora_only and linear_shape(m) is not None): found.append((p, m, parent, k))
+  return found
 
 def list_adapters(model: Any) -> list[str]:
   """The names of the adapters in the model, in the order they were added."""
   first = {}
-  for _, m, _, _ in _lora_modules(model):
-    for name, a in m.adapters.items(): first[name] = min(first.get(name, a.created), a.created)
+  for _, m, _, _ in _linears(model, lora_only=True):
+    for name, a in m.adapters.items(): first[name] = min(first.get(name, a.order), a.order)
   return sorted(first, key=first.get)
 
 def active_adapter(model: Any) -> str | None:
   """The name of the adapter that computes, trains, merges and saves by default (None without adapters)."""
-  return next((m.active for _, m, _, _ in _lora_modules(model)), None)
+  return next((m.active for _, m, _, _ in _linears(model, lora_only=True)), None)
 
 def _known(model: Any, name: str) -> str:
   if name not in (names := list_adapters(model)): raise LoraError(f"no adapter named {name!r}; the model has {names or 'none'}")
@@ -206,7 +207,7 @@ def _known(model: Any, name: str) -> str:
 def lora_layers(model: Any, adapter_name: str | None = None) -> dict[str, LoraLinear]:
   """By dotted path, every LoraLinear that holds adapter `adapter_name` (default: the active one)."""
   name = adapter_name or active_adapter(model)
-  return {p: m for p, m, _, _ in _lora_modules(model) if name in m.adapters}
+  return {p: m for p, m, _, _ in _linears(model, lora_only=True) if name in m.adapters}
 
 def adaptable_linears(model: Any) -> dict[str, tuple[int, int]]:
   """(out, in) of every linear in the model that an adapter could wrap, by dotted path."""
@@ -221,7 +222,7 @@ def inject(model: Any, config: LoraConfig, make: Callable[[str, Any], dict] | No
     raise LoraError(f"adapter_name={adapter_name!r}: expected a non-empty name other than {BASE!r}")
   if adapter_name in (names := list_adapters(model)):
     raise LoraError(f"the model already has an adapter named {adapter_name!r} (adapters: {names}); delete_adapter it or choose another name")
-  if any(m.merged for _, m, _, _ in _lora_modules(model)): raise LoraError("unmerge the model before adding an adapter")
+  if any(m.merged for _, m, _, _ in _linears(model, lora_only=True)): raise LoraError("unmerge the model before adding an adapter")
   targets = [(p, m, parent, k) for p, m, parent, k in _linears(model) if config.matches(p)]
   if not targets:
     names = sorted(adaptable_linears(model))
@@ -230,14 +231,16 @@ def inject(model: Any, config: LoraConfig, make: Callable[[str, Any], dict] | No
   make = make or (lambda p, m: dict(r=config.rank(p), scale=config.scale(p), dropout=config.lora_dropout,
                                     init=config.init_lora_weights, use_dora=config.use_dora))
   active = active_adapter(model) or adapter_name
+  order = 1 + max((a.order for _, m, _, _ in _linears(model, lora_only=True) for a in m.adapters.values()), default=-1)
   built = []
   for p, m, parent, k in targets:
     base = m.base if isinstance(m, LoraLinear) else m
     try:
       layer = LoraLinear(base, adapter_name=adapter_name, config=config, **make(p, base))
     except LoraError as e: raise LoraError(f"{p}: {e}") from None
+    layer.adapters[adapter_name].order = order
     built.append((parent, k, m, layer))
-  adapter_ids = {id(t) for _, m, _, _ in _lora_modules(model) for a in m.adapters.values() for t in a.parameters()}
+  adapter_ids = {id(t) for _, m, _, _ in _linears(model, lora_only=True) for a in m.adapters.values() for t in a.parameters()}
   for t in nn.state.get_parameters(model):
     if id(t) not in adapter_ids: t.is_param_(False)
   for parent, k, m, layer in built:
@@ -250,16 +253,16 @@ def inject(model: Any, config: LoraConfig, make: Callable[[str, Any], dict] | No
 def set_adapter(model: Any, adapter_name: str) -> Any:
   """Makes `adapter_name` the active adapter: the one that computes, trains, merges and saves by default."""
   _known(model, adapter_name)
-  if merged := [p for p, m, _, _ in _lora_modules(model) if m.merged]:
+  if merged := [p for p, m, _, _ in _linears(model, lora_only=True) if m.merged]:
     raise LoraError(f"adapter {active_adapter(model)!r} is merged (e.g. {merged[0]}); unmerge before switching adapters")
-  for _, m, _, _ in _lora_modules(model): m.active = adapter_name
+  for _, m, _, _ in _linears(model, lora_only=True): m.active = adapter_name
   return model
 
 def delete_adapter(model: Any, adapter_name: str) -> Any:
   """Removes adapter `adapter_name`; linears left with no adapter become their base again. Deleting the active adapter
   makes the first remaining one active."""
   _known(model, adapter_name)
-  found = _lora_modules(model)
+  found = _linears(model, lora_only=True)
   if any(m.merged and m.active == adapter_name for _, m, _, _ in found):
     raise LoraError(f"adapter {adapter_name!r} is merged; unmerge it before deleting it")
   rest = [n for n in list_adapters(model) if n != adapter_name]
@@ -285,7 +288,7 @@ def merge(model: Any) -> Any:
   (W + d) - d, not bit for bit W). Merging twice is an error."""
   layers = lora_layers(model)
   if not layers: raise LoraError("model has no LoRA adapters to merge")
-  if merged := [p for p, l, _, _ in _lora_modules(model) if l.merged]: raise LoraError(f"already merged: {', '.join(merged)}")
+  if merged := [p for p, l, _, _ in _linears(model, lora_only=True) if l.merged]: raise LoraError(f"already merged: {', '.join(merged)}")
   names: dict[int, list[str]] = {}
   for k, t in nn.state.get_state_dict(model).items(): names.setdefault(id(t), []).append(k)
   for p, l in layers.items():
@@ -309,7 +312,7 @@ def merge_and_unload(model: Any, dtype=None, requantize: bool = False) -> Any:
   replaced unless every fused weight is finite.
   `requantize=True` quantizes the fused weights of quantized bases again with their bits and group size, and warns
   with how much of each adapter's update the rounding destroyed (a small update can vanish in 4-bit steps)."""
-  found = _lora_modules(model)
+  found = _linears(model, lora_only=True)
   if not found: raise LoraError("model has no LoRA adapters to merge")
   fused = [(p, parent, k, m, m.fuse(dtype)) for p, m, parent, k in found]
   errors = {}
@@ -330,7 +333,7 @@ def merge_and_unload(model: Any, dtype=None, requantize: bool = False) -> Any:
 def unload(model: Any) -> Any:
   """Removes every adapter without merging it, giving back the base linears (a merged one is unmerged first, so its
   weight equals the base to float rounding)."""
-  for _, m, parent, k in _lora_modules(model):
+  for _, m, parent, k in _linears(model, lora_only=True):
     if m.merged: m.unmerge()
     replace_module(parent, k, m.base)
   return model
@@ -340,7 +343,7 @@ def disabled(model: Any) -> Iterator[Any]:
   """Inside this block the model computes its base output: exactly, for adapters that are not merged; merged ones are
   unmerged for the while, which gives the base weights to float rounding (and merged again after, even if the block
   raises)."""
-  layers = [m for _, m, _, _ in _lora_modules(model)]
+  layers = [m for _, m, _, _ in _linears(model, lora_only=True)]
   was_merged = [l for l in layers if l.merged]
   for l in was_merged: l.unmerge()
   for l in layers: l.enabled = False
@@ -353,18 +356,21 @@ def disabled(model: Any) -> Iterator[Any]:
 def mixed_batch(model: Any, adapter_names: list[str], batch_size: int | None = None) -> Iterator[Any]:
   """Inside this block row i of every batch uses adapter `adapter_names[i]` (BASE = "__base__": no adapter), each row
   equal to running its adapter alone, in one batched pass: every adapter's output is computed over the batch and kept
-  on its own rows. Nothing is merged. Model.__call__(tokens, adapter_names=...) uses this."""
-  layers = [m for _, m, _, _ in _lora_modules(model)]
+  on its own rows. Nothing is merged. generate(..., adapter_names=...) uses this; a model call inside the block, e.g.
+  `with mixed_batch(model, ["chat", BASE]): logits = model(tokens)`, routes its rows the same way."""
+  layers = [m for _, m, _, _ in _linears(model, lora_only=True)]
   if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
     raise LoraError(f"adapter_names must be a list of adapter names, one per batch row, found {adapter_names!r}")
-  if batch_size is not None and len(adapter_names) != batch_size:
-    raise LoraError(f"adapter_names has {len(adapter_names)} name(s) for a batch of {batch_size} row(s)")
+  if batch_size is not None: _check_rows(len(adapter_names), batch_size)
   known = list_adapters(model)
   if unknown := sorted({n for n in adapter_names if n not in known and n != BASE}):
     raise LoraError(f"adapter_names holds unknown adapter(s) {unknown}; the model has {known or 'none'} (and {BASE!r} for the base)")
   if any(l.merged for l in layers): raise LoraError("mixed batches need unmerged adapters; unmerge(model) first")
-  rows = {n: Tensor([[[float(r == n)]] for r in adapter_names]).realize() for n in dict.fromkeys(adapter_names) if n != BASE}
-  for l in layers: l.rows = rows
+  masks = {n: Tensor([[[float(r == n)]] for r in adapter_names]).realize() for n in dict.fromkeys(adapter_names) if n != BASE}
+  for l in layers: l.row_masks = masks
   try: yield model
   finally:
-    for l in layers: l.rows = None
+    for l in layers: l.row_masks = None
+
+def _check_rows(names: int, rows: int) -> None:
+  if names != rows: raise LoraError(f"adapter_names has {names} name(s) for a batch of {rows} row(s)")

@@ -1,7 +1,7 @@
 """Training the LoRA tensors: masked LM loss, learning-rate schedule, a TinyJit'd step with gradient accumulation,
 clipping and a non-finite guard, and crash-safe checkpoints that resume on the same trajectory."""
 from __future__ import annotations
-import math, os, pathlib, shutil, time
+import contextlib, math, os, pathlib, shutil, time
 from dataclasses import dataclass, asdict
 from typing import Any, Callable, Iterator, Sequence
 import numpy as np
@@ -41,7 +41,8 @@ class TrainConfig:
   weight_decay: float = 0.0
   grad_clip: float = 1.0
   accum_steps: int = 1
-  grad_checkpoint: bool = False  # recompute each decoder layer in the backward: less memory, ~1/3 more FLOPs
+  # recompute each decoder layer in the backward: less memory, more FLOPs (bench/RESULTS.md, "Figures behind code comments")
+  grad_checkpoint: bool = False
 
   def __post_init__(self):
     def check(ok: bool, name: str, expected: str):
@@ -85,7 +86,10 @@ class Trainer:
 
   A float16 or bfloat16 base trains as it is, the LoRA tensors, gradients and AdamW state in float32. With a float16
   base the loss is scaled (`loss_scale`, tinylora.precision.LossScale): a step whose gradients overflow float16 is
-  skipped (`last_skipped`, no update, `step` unchanged) and lowers the scale."""
+  skipped (`last_skipped`, no update, `step` unchanged) and lowers the scale.
+
+  `config.grad_checkpoint` holds for the Trainer's own steps (training and evaluate): the model's `grad_checkpoint` is
+  set while they run and restored after, so the model behaves as before outside them."""
   def __init__(self, model: Any, config: TrainConfig, loss_fn: Callable[[Any, Tensor, Tensor, Tensor], Tensor] | None = None,
                devices: str | Sequence[str] | None = None):
     self.model, self.config, self.step = model, config, 0
@@ -93,9 +97,8 @@ class Trainer:
     if not self.params: raise LoraError("model has no LoRA tensors to train; inject(model, config) first")
     self.devices = None if devices is None else _check_devices(devices)
     if self.devices is not None: to_devices(model, self.devices)  # before the optimizer state is made beside the params
-    if config.grad_checkpoint:
-      if not hasattr(model, "grad_checkpoint"): raise LoraError(f"{type(model).__name__} does not support grad_checkpoint")
-      model.grad_checkpoint = True
+    if config.grad_checkpoint and not hasattr(model, "grad_checkpoint"):
+      raise LoraError(f"{type(model).__name__} does not support grad_checkpoint")
     self.loss_fn = loss_fn or (lambda m, tokens, targets, mask: lm_loss(m(tokens), targets, mask))
     base_dtypes = {t.dtype for t in nn.state.get_parameters(model)}
     if dtypes.bfloat16 in base_dtypes: check_dtype(dtypes.bfloat16, self.params[0].device if self.devices is None else self.devices[0])
@@ -112,12 +115,14 @@ class Trainer:
     self._eval = captured_jit(lambda tokens, targets, mask: realize(self.loss_fn(self.model, tokens, targets, mask)))
     self.shape: tuple | None = None
 
-  def _accumulate_fn(self, tokens: Tensor, targets: Tensor, mask: Tensor, keep: Tensor, scale: Tensor | None = None) -> Tensor:
+  def _accumulate_fn(self, tokens: Tensor, targets: Tensor, mask: Tensor, accumulate: Tensor, scale: Tensor | None = None) -> Tensor:
+    """Adds this micro-batch's gradients to the buffers (`accumulate` 0: the first micro-batch of a step, which replaces
+    them instead); returns (loss, norm of the summed gradients)."""
     loss = self.loss_fn(self.model, tokens, targets, mask)
     # float16: the backward runs on loss * scale, whose gradients are divided by it again in float32
     grads = loss.gradient(*self.params) if scale is None else [d / scale[0] for d in (loss * scale[0]).gradient(*self.params)]
-    # where, not g * keep: a refused step's nan would survive multiplication by 0 and poison every later step
-    acc = [g.assign((keep != 0).where(g, 0) + d) for g, d in zip(self.grads, grads)]
+    # where, not g * accumulate: a refused step's nan would survive multiplication by 0 and poison every later step
+    acc = [g.assign((accumulate != 0).where(g, 0) + d) for g, d in zip(self.grads, grads)]
     norm = Tensor.stack(*[a.float().square().sum() for a in acc]).sum().sqrt()
     return realize(Tensor.stack(loss.float(), norm), *acc)
 
@@ -128,6 +133,17 @@ class Trainer:
     for p, g in zip(self.params, self.grads): p.grad = (g * coef).cast(p.dtype)
     self.opt.lr.assign(lr)
     return realize(norm, *self.opt.schedule_step())
+
+  @contextlib.contextmanager
+  def _grad_checkpointing(self) -> Iterator[None]:
+    """The model as the Trainer's config asks for the Trainer's own steps (its grad_checkpoint), restored after: the
+    steps read it when they capture, and a model handed back after training computes as it did before."""
+    if not self.config.grad_checkpoint:
+      yield
+      return
+    was, self.model.grad_checkpoint = self.model.grad_checkpoint, True
+    try: yield
+    finally: self.model.grad_checkpoint = was
 
   def _put(self, x: Tensor, axis: int | None = None) -> Tensor:
     """x on the Trainer's devices: split along `axis` across them, or (axis None) a copy on each."""
@@ -168,7 +184,7 @@ class Trainer:
       raise LoraError(f"train_step got {len(batches)} micro-batches, expected accum_steps={self.config.accum_steps}")
     losses, self.last_skipped = [], False
     scale = () if self.loss_scale is None else (self._put(Tensor([self.loss_scale.value])),)
-    with Context(TRAINING=1):
+    with Context(TRAINING=1), self._grad_checkpointing():
       for i, batch in enumerate(batches):
         loss, norm = self._accumulate(*self._batch(*batch), self._put(Tensor([0.0 if i == 0 else 1.0])), *scale).numpy().tolist()
         if self.loss_scale is not None and math.isfinite(loss) and not math.isfinite(norm):
@@ -188,7 +204,8 @@ class Trainer:
   def evaluate(self, batches) -> float:
     """Mean loss over batches of (tokens, targets, mask), without dropout and without touching any state."""
     losses = []
-    for batch in batches: losses.append(self._eval(*self._batch(*batch)).item())
+    with self._grad_checkpointing():
+      for batch in batches: losses.append(self._eval(*self._batch(*batch)).item())
     return sum(losses) / max(1, len(losses))
 
   # ---- checkpoints: <dir>/step_NNNNNN/{adapter files, optimizer.safetensors, trainer_state.json}; <dir>/latest names one

@@ -15,7 +15,6 @@ from tinygrad import Tensor, UOp, dtypes, function, nn
 from tinygrad.helpers import TRAINING, Context
 from tinygrad.dtype import DType
 from tinylora.errors import LoraError
-from tinylora.lora import mixed_batch
 from tinylora.precision import check_dtype
 from tinylora.tree import named_modules, unique_state_dict
 from tinylora.device_policy import base_forward
@@ -106,10 +105,13 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> np.ndarra
   medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
   return np.where(medium, (1 - smooth) * scaled / s["factor"] + smooth * scaled, scaled).astype(np.float32)
 
-@functools.cache
+ROPE_TABLES = 8  # the (cos, sin) tables kept between calls: a few per model (training length, decode cache sizes)
+
+@functools.lru_cache(maxsize=ROPE_TABLES)
 def _rope_table(head_dim: int, theta: float, scaling: tuple, length: int, device: str | tuple[str, ...]) -> tuple[Tensor, Tensor]:
   """cos and sin of shape (length, head_dim) in HF's rotate_half layout, computed in float32 as transformers does, on
-  the model's device (a tuple of devices: a copy on each)."""
+  the model's device (a tuple of devices: a copy on each). The least recently used table is dropped beyond ROPE_TABLES,
+  so a long-lived process that sees many lengths or devices does not keep them all (a captured step keeps its own)."""
   freqs = np.outer(np.arange(length, dtype=np.float32), rope_inv_freq(head_dim, theta, scaling))
   emb = np.concatenate([freqs, freqs], axis=-1)
   with Context(CAPTURING=0):  # made now even inside a TinyJit capture, which would otherwise redo it in every replay
@@ -139,10 +141,8 @@ class KVCache:
 # probabilities, the MLP hidden); without them tinygrad fuses the elementwise work into the matmul and recomputes it per
 # multiply-accumulate. The gate/up outputs also need .contiguous_backward(): their gradients are elementwise products
 # that otherwise get recomputed inside the backward matmuls; and their own .contiguous() keeps a checkpointed layer's
-# recompute from fusing both matmuls into one two-reduction kernel (bench/RESULTS.md). Measured (CPU, 2 layers, d=256,
-# 8/4 heads, ffn 688, vocab 1024, 2x256 tokens, LoRA r=16 on all linears, step = loss + gradients of the LoRA tensors):
-# none of these: forward 3.27, step 13.1 GFLOP; all: forward 2.38, step 5.18 GFLOP (2.17x). Each one removed alone costs
-# 0.03-4.3 GFLOP per step.
+# recompute from fusing both matmuls into one two-reduction kernel. Together they save much of a train step's FLOPs,
+# and each one alone some: see bench/RESULTS.md, "Figures behind code comments".
 class Attention:
   def __init__(self, config: ModelConfig, layer: int):
     self.config, self.layer = config, layer
@@ -166,7 +166,7 @@ class Attention:
     q = q.reshape(B, kv_heads, heads // kv_heads, T, hd)
     k, v = k.unsqueeze(2), v.unsqueeze(2)
     # materialised before the mask: a (T, T) mask broadcast into the matmul's epilogue makes tinygrad upcast the wrong
-    # axes (CPU, 4x8 heads, T=256: q@k.T 37 ms with the mask fused, 9 ms without)
+    # axes, several times slower (see bench/RESULTS.md, "Figures behind code comments")
     scores = ((q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(hd))).contiguous()
     if T > 1:  # causal, aligned to the end: query i sits at position start_pos + i
       scores = scores + Tensor.full((T, start_pos + T), float("-inf"), device=x.device).triu(start_pos + 1)
@@ -225,7 +225,8 @@ class Backbone:
   """HF's `model.` prefix: embeddings, decoder layers and final norm."""
   def __init__(self, config: ModelConfig):
     # tinygrad rewrites nn.Embedding's arange-compare-sum forward into an indexed load: one kernel and the same FLOPs
-    # and memory traffic as `weight[tokens]` (measured, vocab 4096), so the module is kept and quantization can swap it
+    # and memory traffic as `weight[tokens]` (bench/RESULTS.md, "Figures behind code comments"), so the module is kept
+    # and quantization can swap it
     self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
     self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
     self.norm = nn.RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -239,7 +240,9 @@ class Model:
     self.config = config
     # run each full-sequence decoder layer as one tinygrad function, whose kernels are scheduled and compiled once for
     # all layers (a faster first step on deep models; its backward recomputes what the layer does not return, such as
-    # LoRA's rank-r products: a few % more FLOPs); grad_checkpoint also recomputes the layer's activations in the backward
+    # LoRA's rank-r products: slightly more FLOPs, see bench/RESULTS.md, "Figures behind code comments"); grad_checkpoint
+    # also recomputes the layer's activations in the backward. A Trainer with TrainConfig(grad_checkpoint=True) sets it
+    # for its own steps only.
     self.layers_as_functions, self.grad_checkpoint = False, False
     self.model = Backbone(config)
     self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -262,13 +265,9 @@ class Model:
   def make_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
     return KVCache(self.config, batch, max_len or self.config.max_position_embeddings, self.dtype, self.model.norm.weight.device)
 
-  def __call__(self, tokens: Tensor, start_pos: int | UOp = 0, cache: KVCache | None = None,
-               adapter_names: list[str] | None = None) -> Tensor:
-    """`adapter_names`: one adapter name per batch row ("__base__" for none), see tinylora.mixed_batch."""
+  def __call__(self, tokens: Tensor, start_pos: int | UOp = 0, cache: KVCache | None = None) -> Tensor:
     if tokens.ndim != 2 or not dtypes.is_int(tokens.dtype):
       raise LoraError(f"tokens must be an integer tensor of shape (batch, time), found {tokens.dtype} {tokens.shape}")
-    if adapter_names is not None:
-      with mixed_batch(self, adapter_names, tokens.shape[0]): return self(tokens, start_pos, cache)
     if cache is None and not (isinstance(start_pos, int) and start_pos == 0): raise LoraError("start_pos > 0 needs a KV cache")
     c, T = self.config, tokens.shape[1]
     max_len = cache.max_len if cache is not None else T
