@@ -12,10 +12,10 @@ from typing import Iterable
 import weakref
 import numpy as np
 from tinygrad import Tensor, UOp
-from tinylora.device_policy import captured_jit
+from tinylora.device_policy import captured_step
+from tinylora.engine import realize
 from tinylora.errors import LoraError
 from tinylora.models.llama import Model
-from tinylora.programs import realize
 from tinylora.tree import named_modules
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
@@ -40,7 +40,7 @@ class Decoder:
     self.model, self.max_len = weakref.ref(model), max_len
     self.cache = model.make_cache(len(adapter_names) if adapter_names else rows, max_len)
     self.pos = UOp.variable("start_pos", 0, max_len - 1)
-    self.jit = captured_jit(self._step)
+    self.jit = captured_step(self._step)
     self.state, self.tokens = module_state(model), []  # the tokens whose keys and values the cache holds, by position
 
   def _step(self, tokens: Tensor, start_pos: UOp) -> Tensor:
