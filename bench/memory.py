@@ -1,7 +1,7 @@
 """Peak training memory by model shape, base dtype and gradient checkpointing, and the losses of float16/bfloat16
 training against float32.
 
-  memory   tinygrad's allocator high-water mark (tinylora.memory.peak_memory) in each of the first three Trainer steps
+  memory   tinygrad's allocator high-water mark (tinylora.engine.peak_memory) in each of the first three Trainer steps
            (JIT capture and first run, replays): the largest, and the last replay's (the steady state), at 4x512
            tokens, LoRA r=16 on q,k,v,o,gate,up,down of every layer, AdamW: for the bench
            model, a SmolLM2-135M-shaped and a Llama-3.2-1B-shaped config; base float32 / float16 / bfloat16 / 4-bit g64
@@ -50,7 +50,7 @@ def pattern_batch(vocab: int, batch: int, seq: int, step: int):
 def measure_one(name: str, base: str, ckpt: bool, batch: int, seq: int, steps: int) -> dict:
   from tinygrad import Device, GlobalCounters
   from tinylora.errors import LoraError
-  from tinylora.memory import peak_memory
+  from tinylora.engine import peak_memory
   from tinylora.models.llama import _callable_as_function
   from tinylora.train import Trainer, TrainConfig
   try: model = build(name, base, seq)

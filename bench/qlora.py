@@ -9,7 +9,7 @@ import argparse, json, pathlib, tempfile, time
 import numpy as np
 from tinygrad import Device, Tensor, dtypes
 import tinylora as tl
-from tinylora.memory import peak_memory
+from tinylora.engine import peak_memory
 from tinylora.models import Model, load_pretrained, save_pretrained
 from tinylora.quant import quantize
 from tinylora.tree import unique_state_dict

@@ -24,11 +24,10 @@ import argparse, contextlib, io, json, os, platform, re, statistics, subprocess,
 START = time.perf_counter()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
-from tinygrad import Tensor, TinyJit, GlobalCounters, Device, nn
-from tinygrad.helpers import Context, DEV
+from tinygrad import Tensor, TinyJit, GlobalCounters, Device, Context, nn
 from tinylora import LoraConfig, LoraLinear, inject
 from tinylora.device_policy import base_forward, cpu_matmul_shapes
-from tinylora.memory import peak_memory
+from tinylora.engine import peak_memory, set_default_device
 from tinylora.models.llama import Model
 from tinylora.train import Trainer, TrainConfig
 
@@ -297,7 +296,8 @@ def main():
   p.add_argument("--json", help="write all results here")
   p.add_argument("--startup-child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
-  DEV.value, args.cfg = args.device, MODEL | json.loads(args.model)
+  set_default_device(args.device)
+  args.cfg = MODEL | json.loads(args.model)
   if args.base_backward == "autograd": use_autograd_base_backward()
   sys.stdout.reconfigure(line_buffering=True)
   if args.startup_child: return print(json.dumps(startup_child(args.cfg, args.batch, args.seq, 16)))

@@ -4,8 +4,7 @@ gate/up/down), train a few steps with a TinyJit'd step that updates only A and B
   python examples/llama_block.py        (DEV=CPU / METAL / CUDA / NV picks the device; default: the best available)
 """
 import numpy as np
-from tinygrad import Device, GlobalCounters, Tensor, TinyJit, nn
-from tinygrad.helpers import Context
+from tinygrad import Context, Device, GlobalCounters, Tensor, TinyJit, nn
 import tinylora as tl
 from tinylora.models import Model
 from tinylora.train import lm_loss

@@ -6,7 +6,7 @@ from tinygrad import GlobalCounters, Tensor
 from tinygrad.helpers import Context
 import tinylora as tl
 from tinylora.errors import LoraError
-from tinylora.memory import peak_memory
+from tinylora.engine import peak_memory
 from tinylora.models import Model
 from tinylora.train import Trainer, TrainConfig
 

@@ -1,17 +1,17 @@
-"""tinylora/device_policy.py: the CPU frozen-linear backward against numpy, the merged-on-the-fly choice, and the CPU
-matmul kernel shapes: carried by the kernels compiled inside `cpu_matmul_shapes()` (the Trainer's steps) only, in
-compile workers too, with tinygrad's heuristic everywhere else and whenever a plan fails."""
+"""tinylora/device_policy.py and the engine room's kernel shapes: the CPU frozen-linear backward against numpy, the
+merged-on-the-fly choice, and the CPU matmul kernel shapes: carried by the kernels compiled inside
+`cpu_matmul_shapes()` (the Trainer's steps) only, in compile workers too, with tinygrad's heuristic everywhere else and
+whenever a plan fails."""
 import numpy as np, pytest
-from tinygrad import Device, Tensor, TinyJit, dtypes, nn
+from tinygrad import Context, Device, Tensor, TinyJit, dtypes, nn
 from tinygrad.codegen import to_program_cache
 from tinygrad.codegen.opt import Opt, OptOps, heuristic
-from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.engine import realize
-from tinygrad.helpers import Context
 from tinygrad.uop.ops import Ops
 import tinylora as tl
 from tinylora import device_policy
 from tinylora.device_policy import base_forward, cpu_matmul_plan, cpu_matmul_shapes, linear, merge_on_the_fly, on_device
+from tinylora.engine import KernelOpt, KernelShapes, MatmulKernel, kernel_plan, kernel_shapes
 from tinylora.quant import QuantizedLinear
 from tinylora.train import Trainer, TrainConfig
 from conftest import TinyLM
@@ -57,25 +57,29 @@ def test_merge_on_the_fly_only_for_plain_linears_outside_training(monkeypatch):
 
 # ---- CPU matmul kernel shapes
 
-def last_kernel(out: Tensor) -> Scheduler:
+def last_plan(out: Tensor) -> list[Opt] | None:
+  """The tinygrad options cpu_matmul_plan chooses for the last kernel computing `out`."""
   ast = [c for c in out.schedule_linear().src if c.op is Ops.CALL and c.src[0].op is Ops.SINK][-1].src[0]
-  k = Scheduler(ast, Device["CPU"].renderer)
-  k.convert_loop_to_global()
-  return k
+  return kernel_plan(ast, Device["CPU"].renderer, cpu_matmul_plan)
 
 DOT = [Opt(OptOps.UPCAST, 1, 4), Opt(OptOps.UPCAST, 0, 8), Opt(OptOps.UNROLL, 0, 4)]  # x @ W.T: dot products
 OUTER = [Opt(OptOps.UPCAST, 1, 16), Opt(OptOps.UPCAST, 0, 4)]                        # x @ W: outer products
 
+def test_cpu_matmul_plan_chooses_by_layout_and_size():
+  assert cpu_matmul_plan(MatmulKernel((128, 80), 96, None)) == [KernelOpt("upcast", 1, 4), KernelOpt("upcast", 0, 8), KernelOpt("unroll", 0, 4)]
+  assert cpu_matmul_plan(MatmulKernel((128, 80), 96, 0)) == [KernelOpt("upcast", 0, 16), KernelOpt("upcast", 1, 4)]
+  assert cpu_matmul_plan(MatmulKernel((128, 80), 32, 1)) is None  # too small
+
 @pytest.mark.parametrize("transposed, plan", [(True, DOT), (False, OUTER)])
 def test_cpu_matmul_plans(transposed, plan):
   x, w = Tensor.empty(128, 96), Tensor.empty(80, 96) if transposed else Tensor.empty(96, 80)
-  assert cpu_matmul_plan(last_kernel(x @ (w.T if transposed else w))) == plan
+  assert last_plan(x @ (w.T if transposed else w)) == plan
 
 @pytest.mark.parametrize("make", [lambda: Tensor.empty(32, 48) @ Tensor.empty(48, 40),  # too small
                                   lambda: Tensor.empty(4, 64, 128).sum(-1),              # three output axes
                                   lambda: (Tensor.empty(128, 96) @ Tensor.empty(96, 80)).max(-1)])  # a MAX reduction
 def test_other_kernels_have_no_plan(make):
-  assert cpu_matmul_plan(last_kernel(make())) is None
+  assert last_plan(make()) is None
 
 def compiled(fn) -> list[tuple]:
   """The applied_opts of every kernel program that calling fn compiled (tinygrad's in-process program cache)."""
@@ -120,15 +124,15 @@ def test_block_is_left_on_exceptions():
   step, _ = two_matmuls(208)
   assert all(any(o.op is OptOps.THREAD for o in opts) for opts in compiled(step))
 
-def test_a_failing_plan_falls_back_to_tinygrad(monkeypatch):
+def test_a_failing_plan_falls_back_to_tinygrad():
   step, ref = two_matmuls(224)
-  monkeypatch.setattr(device_policy, "cpu_matmul_plan", lambda k: [Opt(OptOps.UPCAST, 0, 7)])  # does not divide: rejected
-  with cpu_matmul_shapes(): rejected = compiled(step)
+  seven = KernelShapes(("CPU",), lambda m: [KernelOpt("upcast", 0, 7)])  # does not divide: rejected
+  with kernel_shapes(seven): rejected = compiled(step)
   assert len(rejected) == 2 and all(any(o.op is OptOps.THREAD for o in opts) for opts in rejected)
-  def broken(k): raise AttributeError("a tinygrad change")
-  monkeypatch.setattr(device_policy, "cpu_matmul_plan", broken)
+  def broken(m): raise AttributeError("a tinygrad change")
   step, ref = two_matmuls(240)
-  with pytest.warns(UserWarning, match="AttributeError: a tinygrad change"), cpu_matmul_shapes(): out = step()
+  with pytest.warns(UserWarning, match="AttributeError: a tinygrad change"), kernel_shapes(KernelShapes(("CPU",), broken)):
+    out = step()
   np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-3)
 
 def test_noopt_and_beam_win():
@@ -146,3 +150,8 @@ def test_trainer_steps_carry_the_plan():
   assert compiled(lambda: [trainer.train_step([batch]) for _ in range(2)]) == []  # captured and replayed as compiled
   forward = compiled(lambda: model(Tensor(batch[0])).realize())  # the model outside the Trainer: tinygrad's choices
   assert forward and not {tuple(DOT), tuple(OUTER)} & set(forward)
+
+def test_kernels_for_other_devices_keep_tinygrads_choice():
+  step, _ = two_matmuls(288)
+  with kernel_shapes(KernelShapes(("CUDA", "NV"), cpu_matmul_plan)): opts = compiled(step)
+  assert len(opts) == 2 and all(any(o.op is OptOps.THREAD for o in applied) for applied in opts)

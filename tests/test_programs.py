@@ -1,4 +1,4 @@
-"""tinylora.programs: the Trainer's schedules and kernels made in one process are read back, scheduled and compiled, by
+"""tinylora.engine's stored schedules and programs: the Trainer's schedules and kernels made in one process are read back, scheduled and compiled, by
 the next one on the same tinygrad disk cache (CACHEDB), and train the same. Each run is a fresh process, as a user's is."""
 import json, os, sqlite3, subprocess, sys
 import pytest
@@ -6,7 +6,7 @@ from tinygrad import Tensor, UOp
 from tinygrad.helpers import VERSION, Context
 from tinygrad.tensor import transform_to_call
 from tinylora.device_policy import linear
-from tinylora.programs import SCHEDULES, TABLE, schedule_key
+from tinylora.engine import SCHEDULES, TABLE, schedule_key
 
 RUN = """
 import json, sys

@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 from tinygrad import Tensor, dtypes, nn, GlobalCounters
 from tinygrad.nn.state import get_state_dict, load_state_dict
 from tinylora.errors import LoraError
-from tinylora.memory import peak_memory
+from tinylora.engine import peak_memory
 from tinylora.quant import (BITS, GROUP_SIZES, QuantizedEmbedding, QuantizedLinear, _unpack, dequantize_array, linear_shape,
                             pack_array, prepare_quantized, quantize, quantize_array, unpack_array)
 

@@ -128,7 +128,7 @@ def test_the_first_step_is_the_captured_step():
   """Step 1 captures both TinyJits and runs the capture, on its memory plan: it peaks no higher than a replay, and
   nothing made once (a lazy weight, the RoPE table) is baked into the capture to be redone in every replay."""
   from tinygrad.uop.ops import Ops
-  from tinylora.memory import peak_memory
+  from tinylora.engine import peak_memory
   from tinylora.models.llama import Model
   Tensor.manual_seed(0)
   cfg = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

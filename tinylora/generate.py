@@ -13,11 +13,11 @@ from typing import Callable, Iterable
 import contextlib, weakref
 import numpy as np
 from tinygrad import Tensor, UOp
-from tinylora.device_policy import captured_jit
+from tinylora.device_policy import captured_step
+from tinylora.engine import realize
 from tinylora.errors import LoraError
 from tinylora.lora import mixed_batch
 from tinylora.models.llama import KVCache, Model
-from tinylora.programs import realize
 from tinylora.tree import named_modules
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
@@ -42,7 +42,7 @@ class Decoder:
     self.model, self.max_len = weakref.ref(model), max_len
     self.cache = model.make_cache(len(adapter_names) if adapter_names else rows, max_len)
     self.pos = UOp.variable("start_pos", 0, max_len - 1)
-    self.jit = captured_jit(_decode_step(self.model, self.cache, adapter_names))
+    self.jit = captured_step(_decode_step(self.model, self.cache, adapter_names))
     self.state, self.tokens = module_state(model), []  # the tokens whose keys and values the cache holds, by position
 
   def prefill(self, tokens: list[int]) -> np.ndarray:

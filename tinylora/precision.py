@@ -6,8 +6,7 @@ import functools, shutil, subprocess
 from dataclasses import dataclass
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.dtype import DType
-from tinygrad.helpers import getenv
-from tinygrad.runtime.support.compiler_cpu import ClangCompiler
+from tinylora.engine import clang_command
 from tinylora.errors import LoraError
 
 MODEL_DTYPES = (dtypes.float32, dtypes.float16, dtypes.bfloat16)
@@ -19,23 +18,20 @@ def check_dtype(dtype: DType, device: str | None = None) -> DType:
   if dtype == dtypes.bfloat16 and (err := _bfloat16_error(Device.canonicalize(device))): raise LoraError(err)
   return dtype
 
-def bfloat16_compile_error(cc: str, compiler: ClangCompiler) -> str | None:
-  """The first error `cc` reports compiling a small bfloat16 function with the flags of tinygrad's CPU `compiler`
+def bfloat16_compile_error(command: list[str]) -> str | None:
+  """The first error the compile `command` (engine.clang_command: C on stdin) reports for a small bfloat16 function
   (clang < 15 has no __bf16 on x86), or None when it compiles."""
   src = "__bf16 f(__bf16 *x) { return (__bf16)((float)x[0] * 2.0f); }"
-  cmd = [cc, "-c", "-x", "c", "-O2", "-ffreestanding", "-nostdlib", f"--target={compiler.arch}-none-unknown-elf", *compiler.args,
-         "-", "-o", "/dev/null"]
-  try: out = subprocess.run(cmd, input=src, capture_output=True, text=True)
-  except OSError as e: return f"{cc}: {e.strerror}"
+  try: out = subprocess.run([*command, "-o", "/dev/null"], input=src, capture_output=True, text=True)
+  except OSError as e: return f"{command[0]}: {e.strerror}"
   if out.returncode == 0: return None
   return next((l.strip() for l in out.stderr.splitlines() if "error" in l), out.stderr.strip()[:200] or f"exit status {out.returncode}")
 
 @functools.cache
 def _bfloat16_error(device: str) -> str | None:
-  compiler = Device[device].compiler
-  if isinstance(compiler, ClangCompiler):
-    cc = getenv("CC", "clang")  # what tinygrad's CPU compiler runs
-    if (err := bfloat16_compile_error(cc, compiler)) is None: return None
+  if (command := clang_command(device)) is not None:
+    if (err := bfloat16_compile_error(command)) is None: return None
+    cc = command[0]
     newer = next((c for c in ("clang-19", "clang-18", "clang-17", "clang-16", "clang-15") if shutil.which(c)), None)
     fix = f"{newer} is installed: run with CC={newer}" if newer else \
       "install clang >= 15 (Debian 12: apt-get install clang-19, which .ci/setup.sh does) and run with CC=clang-19"

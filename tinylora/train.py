@@ -3,21 +3,18 @@ clipping and a non-finite guard, and crash-safe checkpoints that resume on the s
 from __future__ import annotations
 import contextlib, math, os, pathlib, shutil, time
 from dataclasses import dataclass, asdict
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 import numpy as np
-from tinygrad import Device, Tensor, UOp, nn, dtypes
-from tinygrad.device import canonicalize_device
-from tinygrad.helpers import Context, tqdm
-from tinygrad.uop.ops import Ops
+from tinygrad import Context, Device, Tensor, nn, dtypes
 from tinylora.adapter import save_adapter, peft_state, PEFT_WEIGHTS
 from tinylora.config import is_int, is_number
 from tinylora.data import Example, batch_at, eval_batches
 from tinylora.errors import LoraError
 from tinylora.io import check_arrays, read_json, read_safetensors, write_json, write_safetensors
-from tinylora.device_policy import captured_jit
+from tinylora.device_policy import captured_step
+from tinylora.engine import captured_copy_bytes, realize, tqdm
 from tinylora.lora import lora_layers, trainable_parameters
 from tinylora.precision import LossScale, check_dtype
-from tinylora.programs import realize
 
 def lm_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
   """Mean next-token cross-entropy over the positions where mask is 1 (prompt and padding have mask 0)."""
@@ -59,7 +56,7 @@ class TrainConfig:
 def to_devices(model: Any, devices: str | Sequence[str]) -> Any:
   """Puts every tensor of `model` in place on one device, or a copy on each of several devices (the replicas of data
   parallel training); tensors shared between modules (tied weights) stay shared. Returns the model."""
-  target = canonicalize_device(devices)
+  target = devices if isinstance(devices, str) else tuple(devices)
   for t in {id(t): t for t in nn.state.get_parameters(model)}.values(): t.to_(target).realize()
   return model
 
@@ -110,9 +107,9 @@ class Trainer:
     self.opt.b1_t, self.opt.b2_t = [t.contiguous().realize().is_param_(False) for t in (self.opt.b1_t, self.opt.b2_t)]
     self.opt.lr.realize()
     self.grads = [Tensor.zeros(*p.shape, dtype=p.dtype, device=p.device).contiguous().realize() for p in self.params]
-    Tensor.realize(*nn.state.get_parameters(model))  # see captured_jit: nothing a step reads may be left to compute
-    self._accumulate, self._apply = captured_jit(self._accumulate_fn), captured_jit(self._apply_fn)
-    self._eval = captured_jit(lambda tokens, targets, mask: realize(self.loss_fn(self.model, tokens, targets, mask)))
+    Tensor.realize(*nn.state.get_parameters(model))  # see captured_step: nothing a step reads may be left to compute
+    self._accumulate, self._apply = captured_step(self._accumulate_fn), captured_step(self._apply_fn)
+    self._eval = captured_step(lambda tokens, targets, mask: realize(self.loss_fn(self.model, tokens, targets, mask)))
     self.shape: tuple | None = None
 
   def _accumulate_fn(self, tokens: Tensor, targets: Tensor, mask: Tensor, accumulate: Tensor, scale: Tensor | None = None) -> Tensor:
@@ -158,18 +155,10 @@ class Trainer:
     return tuple(self._put(t, axis=0) for t in ts)
 
   def cross_device_bytes(self) -> int | None:
-    """Bytes one micro-batch's step copies between devices, all devices together, read from its captured TinyJit graph,
-    copies batched into device graphs included. With data parallel training that is the all-reduce of the LoRA
-    gradients and of the loss's two sums; the frozen base never moves. None before the first train_step (which
-    captures the step), and under HCQ2=1, whose compiled command queues do not show their copies."""
-    def calls(linear: UOp) -> Iterator[UOp]:  # in order, repeats kept; a device graph's calls are its LINEAR's
-      for c in linear.src:
-        if c.src[0].op is Ops.CUSTOM_FUNCTION and c.src[0].arg == "graph": yield from calls(c.src[0].src[0])
-        else: yield c
-    if self._accumulate.captured is None: return None
-    step = list(calls(self._accumulate.captured._linear))
-    if any(c.src[0].op is Ops.CUSTOM_FUNCTION and c.src[0].arg == "hcq" for c in step): return None
-    return sum(math.prod(c.src[1].shape) * c.src[1].dtype.itemsize for c in step if c.src[0].op is Ops.COPY)
+    """Bytes one micro-batch's step copies between devices, all devices together (engine.captured_copy_bytes). With
+    data parallel training that is the all-reduce of the LoRA gradients and of the loss's two sums; the frozen base
+    never moves. None before the first train_step (which captures the step), and where the captured step hides its copies."""
+    return captured_copy_bytes(self._accumulate)
 
   def _check_shape(self, *ts: Tensor):
     shape = tuple(t.shape for t in ts)

@@ -12,8 +12,8 @@ import functools, math
 from dataclasses import dataclass, field
 import numpy as np
 from tinygrad import Tensor, UOp, dtypes, function, nn
-from tinygrad.helpers import TRAINING, Context
 from tinygrad.dtype import DType
+from tinylora.engine import is_training, outside_capture
 from tinylora.errors import LoraError
 from tinylora.precision import check_dtype
 from tinylora.tree import named_modules, unique_state_dict
@@ -114,7 +114,7 @@ def _rope_table(head_dim: int, theta: float, scaling: tuple, length: int, device
   so a long-lived process that sees many lengths or devices does not keep them all (a captured step keeps its own)."""
   freqs = np.outer(np.arange(length, dtype=np.float32), rope_inv_freq(head_dim, theta, scaling))
   emb = np.concatenate([freqs, freqs], axis=-1)
-  with Context(CAPTURING=0):  # made now even inside a TinyJit capture, which would otherwise redo it in every replay
+  with outside_capture():  # made now even inside a TinyJit capture, which would otherwise redo it in every replay
     return Tensor(np.cos(emb), device=device).realize(), Tensor(np.sin(emb), device=device).realize()
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -219,7 +219,7 @@ def _callable_as_function(layer: DecoderLayer) -> bool:
   unpacking), and random dropout masks inside would need the RNG state as an input."""
   tensors = nn.state.get_state_dict(layer).values()
   return all(dtypes.is_float(t.dtype) and isinstance(t.device, str) for t in tensors) and \
-    not (TRAINING and any(getattr(m, "dropout", 0) for _, m, _, _ in named_modules(layer)))
+    not (is_training() and any(getattr(m, "dropout", 0) for _, m, _, _ in named_modules(layer)))
 
 class Backbone:
   """HF's `model.` prefix: embeddings, decoder layers and final norm."""
