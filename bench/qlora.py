@@ -10,7 +10,8 @@ import numpy as np
 from tinygrad import Device, Tensor, dtypes
 import tinylora as tl
 from tinylora.engine import peak_memory
-from tinylora.models import Model, load_pretrained, save_pretrained
+from tinylora import load_pretrained, save_pretrained
+from tinylora.models import Model
 from tinylora.quant import quantize
 from tinylora.tree import unique_state_dict
 from tinylora.train import Trainer, TrainConfig

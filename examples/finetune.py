@@ -17,8 +17,9 @@ from tinygrad import Tensor, Device, dtypes
 import tinylora as tl
 from tinylora.data import encode_example, eval_batches, load_dataset
 from tinylora.generate import generate
-from tinylora.models import Model, load_pretrained, save_pretrained
-from tinylora.tokenizer import ByteTokenizer, load_tokenizer
+from tinylora import load_pretrained, load_tokenizer, save_pretrained
+from tinylora.models import Model
+from tinylora.tokenizer import ByteTokenizer
 from tinylora.train import Trainer, TrainConfig, fit, to_devices
 
 # ---- the default task: facts about an invented island, asked in phrasings kept out of training

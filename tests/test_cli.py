@@ -5,7 +5,8 @@ import numpy as np, pytest
 from tinygrad import Tensor
 import tinylora as tl
 from tinylora.cli import _parser, main
-from tinylora.models import Model, load_pretrained, save_pretrained
+from tinylora import load_pretrained, save_pretrained
+from tinylora.models import Model
 
 CONFIG = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=32, intermediate_size=64,
               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=300, rms_norm_eps=1e-5,
@@ -56,7 +57,7 @@ def test_train_generate_fuse_convert(capsys, tmp_path, model_dir, data_dir):
 
   # generate with the adapter equals the library's greedy generation
   from tinylora.generate import generate
-  from tinylora.tokenizer import load_tokenizer
+  from tinylora import load_tokenizer
   tok = load_tokenizer(model_dir)
   want = tok.decode(generate(model, tok.encode("the sky is"), 5, stop_tokens=[tok.eos_id]), skip_special_tokens=True)
   rc, out, _ = run(capsys, "generate", "--model", model_dir, "--adapter-path", adapters, "--prompt", "the sky is", "--max-tokens", 5)

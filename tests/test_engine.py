@@ -8,8 +8,6 @@ PUBLIC = {"tinygrad": {"Tensor", "TinyJit", "function", "UOp", "Variable", "dtyp
                        "getenv", "Device", "nn"},
           "tinygrad.dtype": {"DType"}}
 PUBLIC_MODULES = ("tinygrad", "tinygrad.nn")  # `import ...` of these, and anything from tinygrad.nn and its submodules
-# the GGUF file reader: a file format, not tinygrad's engine; its home is decided with the formats package
-READERS = {"tinygrad.llm.gguf"}
 
 def below_public_api(path: pathlib.Path) -> list[str]:
   """`module: import` for each import in the file that reaches tinygrad below its public API."""
@@ -18,7 +16,7 @@ def below_public_api(path: pathlib.Path) -> list[str]:
     if isinstance(node, ast.Import):
       found += [a.name for a in node.names if a.name.split(".")[0] == "tinygrad" and a.name not in PUBLIC_MODULES]
     elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tinygrad":
-      if node.module == "tinygrad.nn" or node.module.startswith("tinygrad.nn.") or node.module in READERS: continue
+      if node.module == "tinygrad.nn" or node.module.startswith("tinygrad.nn."): continue
       found += [f"{node.module}.{a.name}" for a in node.names if a.name not in PUBLIC.get(node.module, set())]
   return found
 

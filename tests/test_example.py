@@ -5,9 +5,8 @@ import json, pathlib, subprocess, sys
 import numpy as np, pytest
 from tinygrad import Tensor, dtypes
 import tinylora as tl
-from tinylora.models import load_pretrained
-from tinylora.models.gguf import read_gguf
-from tinylora.tokenizer import load_tokenizer
+from tinylora import load_pretrained, load_tokenizer
+from tinylora.formats.gguf import read_gguf
 
 pytestmark = pytest.mark.slow
 EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "finetune.py"

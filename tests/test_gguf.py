@@ -1,16 +1,17 @@
 """GGUF in and out: small files written with llama.cpp's `gguf` package from random tinylora models round-trip to equal
 logits for every supported type, packed Q4_0/Q4_1/Q8_0 layers equal gguf's own dequantization, names and the Q/K
 permutation invert, the llama.cpp adapter format, bad files; and the real SmolLM2 file's layout and tokenizer."""
-import importlib.metadata, pathlib
+import importlib.metadata, pathlib, types
 import numpy as np, pytest
 from tinygrad import Tensor, dtypes
 import tinylora as tl
 from tinylora.errors import LoraError
-from tinylora.models import Model, load_pretrained, save_pretrained
-from tinylora.models.gguf import gguf_name, hf_name, llama3_scaling, permute_qk, read_array, read_gguf, rope_freqs, unpermute_qk
+from tinylora import load_pretrained, load_tokenizer, save_pretrained
+from tinylora.formats.gguf import gguf_name, hf_name, llama3_scaling, permute_qk, read_array, read_gguf, rope_freqs, unpermute_qk
+from tinylora.formats.gguf_model import config_from_gguf
+from tinylora.models import Model, ModelConfig
 from tinylora.models.llama import rope_inv_freq
 from tinylora.quant import QuantizedEmbedding, QuantizedLinear
-from tinylora.tokenizer import load_tokenizer
 
 gguf = pytest.importorskip("gguf")
 TOKENS = Tensor([[1, 5, 60, 7, 33, 2, 9, 14]])
@@ -20,17 +21,19 @@ def config(model_type="llama", tie=False, **kw) -> dict:
               num_key_value_heads=2, vocab_size=64, rms_norm_eps=1e-5, rope_theta=1e5, max_position_embeddings=64,
               tie_word_embeddings=tie, **kw)
 
-def tiny_tokenizer_metadata(vocab: int = 64) -> dict:
+def tiny_tokenizer_metadata(vocab: int = 64) -> types.MappingProxyType:
+  """What a model read from a GGUF carries as `file_metadata`: its tokenizer, to be written into GGUFs saved from it."""
   tokens = ["<s>", "</s>"] + [chr(ord("a") + i % 26) * (1 + i // 26) for i in range(vocab - 2)]
-  return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [3, 3] + [1] * (vocab - 2),
-          "tokenizer.ggml.merges": ["a a"], "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 1,
-          "tokenizer.chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}
+  return types.MappingProxyType({
+    "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [3, 3] + [1] * (vocab - 2),
+    "tokenizer.ggml.merges": ["a a"], "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 1,
+    "tokenizer.chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"})
 
 @pytest.fixture(scope="module", params=[("llama", False), ("llama", True), ("qwen2", True)], ids=lambda p: f"{p[0]}-tied{p[1]}")
 def model(request) -> Model:
   Tensor.manual_seed(0)
   m = Model.from_config(config(*request.param))
-  m.gguf_tokenizer = tiny_tokenizer_metadata()
+  m.file_metadata = tiny_tokenizer_metadata()
   return m
 
 def test_f32_round_trip_is_exact_and_f16_within_rounding(model, tmp_path):
@@ -70,7 +73,7 @@ def test_packed_types_stay_packed_and_equal_ggufs_dequantization(model, tmp_path
 def test_qlora_trains_on_a_packed_gguf_base(tmp_path):
   Tensor.manual_seed(0)
   m = Model.from_config(config())
-  m.gguf_tokenizer = tiny_tokenizer_metadata()
+  m.file_metadata = tiny_tokenizer_metadata()
   save_pretrained(m, tmp_path / "m.gguf", format="gguf", quantization="q4_1")
   base = load_pretrained(tmp_path / "m.gguf", dtype=dtypes.float32)
   tl.inject(base, tl.LoraConfig(r=4, target_modules="all-linear"))
@@ -80,6 +83,19 @@ def test_qlora_trains_on_a_packed_gguf_base(tmp_path):
   trainer = Trainer(base, TrainConfig(lr=1e-2, iters=3, warmup=0))
   losses = [trainer.train_step([batch])[0] for _ in range(3)]
   assert losses[-1] < losses[0]
+
+def test_tokenizer_metadata_is_carried_in_declared_read_only_fields(model, tmp_path):
+  """The source file's tokenizer travels in Model.file_metadata and HFTokenizer.file_metadata, declared on both classes
+  (not bolted on as gguf_tokenizer / gguf_metadata), into every GGUF saved from either."""
+  save_pretrained(model, tmp_path / "a.gguf", format="gguf", quantization="f32")
+  back, tok = load_pretrained(tmp_path / "a.gguf"), load_tokenizer(tmp_path / "a.gguf")
+  assert not hasattr(back, "gguf_tokenizer") and not hasattr(tok, "gguf_metadata")
+  assert dict(back.file_metadata) == dict(tok.file_metadata) == dict(tiny_tokenizer_metadata())
+  with pytest.raises(TypeError): tok.file_metadata["tokenizer.chat_template"] = ""
+  save_pretrained(Model(back.config), tmp_path / "b.gguf", format="gguf", quantization="f32", tokenizer=tok)
+  assert {k: v for k, v in read_gguf(tmp_path / "b.gguf")[0].items() if k.startswith("tokenizer.")} == dict(tiny_tokenizer_metadata())
+  with pytest.raises(LoraError, match="a GGUF file carries its tokenizer"):
+    save_pretrained(Model(back.config), tmp_path / "c.gguf", format="gguf")
 
 def test_names_and_qk_permutation_invert():
   m = Model.from_config(config())
@@ -141,7 +157,7 @@ def test_llama3_rope_scaling_round_trips_as_rope_freqs(tmp_path):
   scaling = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 8.0,
              "original_max_position_embeddings": 2048}
   m = Model.from_config(config(rope_scaling=scaling))
-  m.gguf_tokenizer = tiny_tokenizer_metadata()
+  m.file_metadata = tiny_tokenizer_metadata()
   save_pretrained(m, tmp_path / "m.gguf", format="gguf", quantization="f32")
   _, tensors = read_gguf(tmp_path / "m.gguf")
   np.testing.assert_allclose(read_array(tensors["rope_freqs.weight"]), llama_cpp_rope_factors(16, 1e5, 4.0, 1.0, 8.0, 2048), rtol=1e-6)
@@ -154,7 +170,7 @@ def test_bad_files(tmp_path):
   with pytest.raises(LoraError, match="not a GGUF file"): load_pretrained(tmp_path / "x.gguf")
   Tensor.manual_seed(0)
   m = Model.from_config(config())
-  m.gguf_tokenizer = tiny_tokenizer_metadata()
+  m.file_metadata = tiny_tokenizer_metadata()
   save_pretrained(m, tmp_path / "m.gguf", format="gguf", quantization="f32")
   data = (tmp_path / "m.gguf").read_bytes()
   (tmp_path / "cut.gguf").write_bytes(data[:len(data) - 100])
@@ -185,8 +201,6 @@ def smollm2() -> pathlib.Path:
 def test_smollm2_layout_and_name_mapping():
   kv, tensors = read_gguf(smollm2())
   assert kv["general.architecture"] == "llama" and len(tensors) == 272
-  from tinylora.models import ModelConfig
-  from tinylora.models.gguf import config_from_gguf
   cfg = config_from_gguf(kv, tensors, "SmolLM2")
   assert {k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")} == dict(

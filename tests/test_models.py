@@ -1,11 +1,13 @@
 """Llama/Mistral/Qwen2 loading, saving and forward, checked against an independent numpy reference forward on tiny
 HF-layout checkpoints that the tests write themselves."""
-import json, struct, sys, types
+import json, struct
 import numpy as np, pytest
 from safetensors.numpy import load_file, save_file
 from tinygrad import Device, Tensor, dtypes, nn
 from tinylora.errors import LoraError
-from tinylora.models import Model, ModelConfig, load_pretrained, save_pretrained
+from tinylora import load_pretrained, save_pretrained
+from tinylora.formats import hf
+from tinylora.models import Model, ModelConfig
 
 B, T = 2, 8
 
@@ -312,9 +314,7 @@ def test_quantization_key_calls_prepare_quantized(tmp_path, monkeypatch):
   weights = hf_weights(cfg)
   write_checkpoint(tmp_path, cfg, weights)
   calls = []
-  fake = types.ModuleType("tinylora.quant")
-  fake.prepare_quantized = lambda model, qcfg, keys: calls.append((type(model), qcfg, keys))
-  monkeypatch.setitem(sys.modules, "tinylora.quant", fake)
+  monkeypatch.setattr(hf, "prepare_quantized", lambda model, qcfg, keys: calls.append((type(model), qcfg, keys)))
   load_pretrained(tmp_path)
   assert calls == [(Model, {"group_size": 32, "bits": 4}, set(weights))]
 

@@ -6,7 +6,7 @@ from tinygrad.nn.state import get_state_dict, load_state_dict
 from tinylora.errors import LoraError
 from tinylora.engine import peak_memory
 from tinylora.quant import (BITS, GROUP_SIZES, QuantizedEmbedding, QuantizedLinear, _unpack, dequantize_array, linear_shape,
-                            pack_array, prepare_quantized, quantize, quantize_array, unpack_array)
+                            pack_array, prepare_quantized, quantization_config, quantize, quantize_array, unpack_array)
 
 RNG = np.random.default_rng(0)
 
@@ -184,8 +184,9 @@ def test_quantize_model_is_close_to_fp_within_the_quantization_step():
   fp = {k: v.numpy().astype(np.float64) for k, v in get_state_dict(model).items()}
   ref = model(idx).numpy()
   assert quantize(model, bits=4, group_size=32, predicate=lambda name, m: {"bits": 8} if name == "heads.lm_head" else True) is model
-  assert model.quantization == {"group_size": 32, "bits": 4, "mode": "affine",
-                                "heads.lm_head": {"group_size": 32, "bits": 8, "mode": "affine"}}
+  assert quantization_config(model) == {"group_size": 32, "bits": 4, "mode": "affine",
+                                       "heads.lm_head": {"group_size": 32, "bits": 8, "mode": "affine"}}
+  assert not hasattr(model, "quantization")  # read from the layers when saving, not recorded beside them
   assert isinstance(model.embed_tokens, QuantizedEmbedding) and isinstance(model.heads["lm_head"], QuantizedLinear)
   assert all(isinstance(l.q_proj, QuantizedLinear) and isinstance(l.o_proj, QuantizedLinear) for l in model.layers)
   assert all(isinstance(l.odd, nn.Linear) for l in model.layers)  # 48 inputs do not divide into groups of 32
@@ -213,7 +214,7 @@ def test_prepare_quantized_swaps_exactly_the_stored_modules_and_loads():
   assert isinstance(target.embed_tokens, QuantizedEmbedding) and isinstance(target.layers[0].q_proj, QuantizedLinear)
   assert isinstance(target.layers[1].q_proj, nn.Linear) and isinstance(target.layers[0].odd, nn.Linear)
   assert (target.heads["lm_head"].bits, target.heads["lm_head"].group_size) == (8, 64)
-  assert target.quantization == config
+  assert quantization_config(target) == config | {"heads.lm_head": {"group_size": 64, "bits": 8, "mode": "affine"}}
   assert set(get_state_dict(target)) == set(sd)
   load_state_dict(target, sd, verbose=False)
   idx = Tensor([[4, 9, 0]], dtype=dtypes.int32)
@@ -233,10 +234,10 @@ class _Tied:
 def test_tied_head_shares_the_quantized_embedding():
   model = quantize(_Tied(), bits=4, group_size=32)
   assert model.lm_head.weight is model.embed_tokens.weight and model.lm_head.scales is model.embed_tokens.scales
-  assert model.quantization == {"group_size": 32, "bits": 4, "mode": "affine"}
+  assert quantization_config(model) == {"group_size": 32, "bits": 4, "mode": "affine"}
   # an mlx-lm tied checkpoint stores only the embedding; its head is embed_tokens.as_linear
   target = _Tied()
-  prepare_quantized(target, model.quantization, {f"embed_tokens.{k}" for k in ("weight", "scales", "biases")})
+  prepare_quantized(target, quantization_config(model), {f"embed_tokens.{k}" for k in ("weight", "scales", "biases")})
   assert isinstance(target.lm_head, QuantizedLinear) and target.lm_head.biases is target.embed_tokens.biases
   for k in ("weight", "scales", "biases"): getattr(target.embed_tokens, k).replace(getattr(model.embed_tokens, k))
   x = Tensor(RNG.standard_normal((2, 64)).astype(np.float32))

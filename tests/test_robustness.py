@@ -7,7 +7,8 @@ import safetensors.numpy as safetensors_numpy
 from tinygrad import Tensor, nn
 import tinylora as tl
 from tinylora import LoraConfig, LoraError
-from tinylora.adapter import config_from_peft, detect_format, peft_config_dict
+from tinylora.formats import detect_adapter_format
+from tinylora.formats.peft import config_dict as peft_config_dict, config_from_dict as config_from_peft
 from tinylora.io import DIGEST, read_json, read_safetensors, write_safetensors
 from tinylora.train import Trainer, TrainConfig
 from conftest import Block, Inner, TinyLM
@@ -90,7 +91,7 @@ class Checker:
     folder = self.out / format
     only_tmp_extras(folder, {"adapter_config.json", WEIGHTS[format]})
     if not load:
-      assert detect_format(folder) == format
+      assert detect_adapter_format(folder) == format
       return version([a for _, a in sorted(read_safetensors(folder / WEIGHTS[format])[0].items())], format)
     layers = tl.lora_layers(tl.load_adapter(self.base, folder))
     tensors, scales = [t.numpy() for l in layers.values() for t in (l.lora_A, l.lora_B)], [l.scale for l in layers.values()]

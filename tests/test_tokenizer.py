@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, strategies as st
 from tinylora.data import encode_example, make_batch
 from tinylora.errors import LoraError
-from tinylora.tokenizer import ByteTokenizer, load_tokenizer
+from tinylora import load_tokenizer
+from tinylora.tokenizer import ByteTokenizer
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi ü"}]
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse, json, math, pathlib, sys
 from typing import Sequence
 from tinylora.errors import LoraError
+from tinylora.formats import (ADAPTER_FORMATS, adapter_path, checkpoint, detect_adapter_format, load_adapter, load_pretrained,
+                              load_tokenizer, save_adapter, save_pretrained)
 
 ALL7 = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -47,7 +49,7 @@ def _train_parser(sub) -> None:
   p.add_argument("--targets", help=f"comma-separated module names, or all-linear (default {ALL7})")
   p.add_argument("--dora", action="store_true", default=None, help="train DoRA instead of LoRA")
   p.add_argument("--adapter-path", help="where the adapter and its checkpoints are written (default adapters)")
-  p.add_argument("--format", choices=["peft", "mlx", "gguf"], help="adapter file format (default peft)")
+  p.add_argument("--format", choices=list(ADAPTER_FORMATS), help="adapter file format (default peft)")
   p.add_argument("--resume-adapter-file", help="start from this adapter directory, or continue from the checkpoint "
                  "directory of an earlier run (ADAPTER_PATH/checkpoints) with its optimizer state and step")
   p.add_argument("--steps-per-eval", type=int, help="validate every N steps (default 200)")
@@ -91,17 +93,12 @@ def _parser() -> argparse.ArgumentParser:
   _model_flag(c)
   c.add_argument("--adapter-path", required=True, help="the adapter directory, PEFT or mlx-lm (detected)")
   c.add_argument("--save-path", required=True, help="output directory (a .gguf file for --format gguf)")
-  c.add_argument("--format", required=True, choices=["peft", "mlx", "gguf"], help="the format to write")
+  c.add_argument("--format", required=True, choices=list(ADAPTER_FORMATS), help="the format to write")
   return p
 
 def _load_model(path: str):
-  from tinylora.models import load_pretrained
   if not pathlib.Path(path).exists(): raise FileNotFoundError(f"model not found: {path}")
   return load_pretrained(path)
-
-def _load_tokenizer(path: str):
-  from tinylora.tokenizer import load_tokenizer
-  return load_tokenizer(path)
 
 def _config_values(path: str) -> dict:
   """Flag values from a JSON or YAML file, in the flags' underscore spelling."""
@@ -139,19 +136,18 @@ def _train_args(args: argparse.Namespace) -> argparse.Namespace:
 def train(a: argparse.Namespace) -> None:
   import tinylora as tl
   from tinylora.data import eval_batches, load_dataset
-  from tinylora.io import read_json
   from tinylora.train import Trainer, TrainConfig, fit
   from tinygrad import Tensor
   Tensor.manual_seed(a.seed)
   data, out = pathlib.Path(a.data), pathlib.Path(a.adapter_path)
-  model, tokenizer = _load_model(a.model), _load_tokenizer(a.model)
+  model, tokenizer = _load_model(a.model), load_tokenizer(a.model)
   files = ["train.jsonl", "valid.jsonl"] if a.train else []
   for name in files + (["test.jsonl"] if a.test else []):
     if not (data / name).exists(): raise FileNotFoundError(f"data file not found: {data / name}")
   resume = pathlib.Path(a.resume_adapter_file) if a.resume_adapter_file else None
-  checkpoints = resume is not None and (resume / "latest.json").exists()
+  checkpoints = resume is not None and checkpoint.exists(resume)
   if resume is not None:  # the adapter as it was saved, its config included; from a checkpoint directory, the latest
-    tl.load_adapter(model, resume / str(read_json(resume / "latest.json").get("checkpoint")) if checkpoints else resume)
+    load_adapter(model, checkpoint.latest(resume) if checkpoints else resume)
   else:
     n = model.config.num_hidden_layers
     layers = list(range(max(0, n - a.num_layers), n)) if a.num_layers > 0 else None
@@ -168,8 +164,8 @@ def train(a: argparse.Namespace) -> None:
     train_set, valid = (load_dataset(data / f, tokenizer, a.mask_prompt) for f in files)
     history = fit(trainer, train_set, valid, a.batch_size, a.max_seq_length, seed=a.seed, pad_id=pad,
                   val_every=a.steps_per_eval, val_batches=val_batches, checkpoint_dir=out / "checkpoints", save_every=a.save_every)
-    target = out / "adapter.gguf" if a.format == "gguf" else out
-    tl.save_adapter(model, target, format=a.format)
+    target = adapter_path(out, a.format)
+    save_adapter(model, target, format=a.format)
     last = history[-1] if history else {}
     print(f"saved the adapter to {target} ({a.format}); last train loss {last.get('loss', float('nan')):.3f}")
   if a.test:
@@ -179,20 +175,18 @@ def train(a: argparse.Namespace) -> None:
 
 def fuse(a: argparse.Namespace) -> None:
   import tinylora as tl
-  from tinylora.models import save_pretrained
   from tinylora.quant import QuantizedLinear
-  model = tl.load_adapter(_load_model(a.model), a.adapter_path)
+  model = load_adapter(_load_model(a.model), a.adapter_path)
   quantized = any(isinstance(l.base, QuantizedLinear) for l in tl.lora_layers(model).values())
   tl.merge_and_unload(model, requantize=quantized and not a.de_quantize)
-  tokenizer = _load_tokenizer(a.model)
+  tokenizer = load_tokenizer(a.model)
   save_pretrained(model, a.save_path, format="gguf" if a.export_gguf else "hf", tokenizer=tokenizer)
   print(f"saved the fused model to {a.save_path}")
 
 def generate(a: argparse.Namespace) -> None:
-  import tinylora as tl
   from tinylora.generate import generate as run
-  model, tokenizer = _load_model(a.model), _load_tokenizer(a.model)
-  if a.adapter_path: tl.load_adapter(model, a.adapter_path)
+  model, tokenizer = _load_model(a.model), load_tokenizer(a.model)
+  if a.adapter_path: load_adapter(model, a.adapter_path)
   chat = not a.ignore_chat_template and getattr(tokenizer, "chat_template", None)
   text = tokenizer.apply_chat_template([{"role": "user", "content": a.prompt}], add_generation_prompt=True) if chat else a.prompt
   stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
@@ -200,8 +194,9 @@ def generate(a: argparse.Namespace) -> None:
   print(tokenizer.decode(ids, skip_special_tokens=True))
 
 def convert(a: argparse.Namespace) -> None:
-  from tinylora.convert import convert as run
-  source = run(a.model, a.adapter_path, a.save_path, a.format)
+  """Loads the adapter onto its base model (which checks every tensor), then saves it in the other format."""
+  source = detect_adapter_format(a.adapter_path)
+  save_adapter(load_adapter(_load_model(a.model), a.adapter_path, source), a.save_path, format=a.format)
   print(f"converted {a.adapter_path} ({source}) -> {a.save_path} ({a.format})")
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,7 @@ getenv, Device), `tinygrad.nn` (nn.state, nn.optim) and `tinygrad.dtype.DType` a
 and used only here: tinygrad.codegen, tinygrad.engine.realize (capturing, run_linear, lower_and_compile),
 tinygrad.schedule, tinygrad.uop (Ops, KernelInfo, CallInfo, graph_rewrite, symbolic), tinygrad.tensor.transform_to_call,
 tinygrad.device (Buffer), tinygrad.helpers' ContextVars (TRAINING, BEAM, NOOPT, SCACHE, CAPTURING) and disk cache,
-tinygrad.runtime, TinyJit's cnt and captured graph, and walking a UOp's op/src/arg. tests/test_engine.py checks that no
+tinygrad.runtime, tinygrad.llm.gguf, TinyJit's cnt and captured graph, and walking a UOp's op/src/arg. tests/test_engine.py checks that no
 other module of tinylora imports tinygrad below the public API.
 
 - Context: `is_training`, `outside_capture`, `tqdm`.
@@ -17,6 +17,8 @@ other module of tinylora imports tinygrad below the public API.
 - Stored schedules and programs: `realize`, `compiled`, `stored`, `to_program`, `schedule_key`.
 - Measurement: `peak_memory`, `captured_copy_bytes`.
 - Devices: `clang_command` (how the CPU device compiles C), `set_default_device`.
+- GGUF: tinygrad's readers of llama.cpp's header values and tensor types (`readers`, `read_str`, ...,
+  `ggml_data_to_tensor`, `GGML_QUANT_BLOCKS`), re-exported for tinylora.formats.gguf.
 """
 from __future__ import annotations
 import contextlib, dataclasses, functools, hashlib, importlib.metadata, math, warnings
@@ -31,6 +33,10 @@ from tinygrad.device import Buffer
 from tinygrad.engine.realize import capturing, lower_and_compile, run_linear
 from tinygrad.helpers import BEAM, DEV, NOOPT, SCACHE, TRAINING, Context, ContextVar, diskcache_get, diskcache_put, getenv
 from tinygrad.helpers import tqdm  # noqa: F401  tinygrad's progress bar, which the training loop shows
+# GGUF: tinygrad's value readers and dequantization, with which tinylora.formats.gguf reads llama.cpp files;
+# GGML_QUANT_BLOCKS: ggml type -> (weights per block, bytes per block) of the block-quantized types tinygrad reads
+from tinygrad.llm.gguf import _GGML_QUANT as GGML_QUANT_BLOCKS  # noqa: F401
+from tinygrad.llm.gguf import ggml_data_to_tensor, read_int32, read_int64, read_str, read_uint32, read_uint64, readers  # noqa: F401
 from tinygrad.renderer import Renderer
 from tinygrad.runtime.support.compiler_cpu import ClangCompiler
 from tinygrad.schedule import schedule_cache

@@ -182,22 +182,30 @@ def quantize(model: Any, bits: int = 4, group_size: int = 64,
              predicate: Callable[[str, Any], bool | dict] | None = None) -> Any:
   """Quantizes, in place, every nn.Linear and nn.Embedding whose input size divides by its group size, as mlx-lm's
   `quantize_model` does. `predicate(name, module)` may return False to skip a layer or a dict with its own "bits" and
-  "group_size"; a head tied to a quantized embedding follows the embedding. Records `model.quantization` in mlx-lm's
-  config.json form and returns the model."""
+  "group_size"; a head tied to a quantized embedding follows the embedding. Returns the model (quantization_config
+  describes it)."""
   check_quant_params(bits, group_size)
   default = {"group_size": group_size, "bits": bits, "mode": MODE}
-  config: dict[str, Any] = dict(default)
   def make(name: str, module: nn.Linear | nn.Embedding) -> QuantizedModule | None:
     if not (chosen := True if predicate is None else predicate(name, module)): return None
     params = {**default, **chosen} if isinstance(chosen, dict) else default
     check_quant_params(params["bits"], params["group_size"], params["mode"])
     if module.weight.shape[-1] % params["group_size"]: return None
-    if isinstance(chosen, dict): config[name] = params
     if isinstance(module, nn.Embedding): return QuantizedEmbedding.from_embedding(module, params["bits"], params["group_size"])
     return QuantizedLinear.from_linear(module, params["bits"], params["group_size"])
   _swap(model, make)
-  model.quantization = config
   return model
+
+def quantization_config(model: Any) -> dict:
+  """mlx-lm's config.json `quantization` entry for the model's quantized layers, read from the layers themselves: the
+  most common bits / group_size / mode at the top level, a per-layer entry for each layer that differs ({} when no
+  layer is quantized). Layers left plain need no entry: their checkpoint has no `.scales`."""
+  layers = {name: {"group_size": m.group_size, "bits": m.bits, "mode": MODE} for name, _, _, m in _modules(model)
+            if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+  if not layers: return {}
+  kinds = [tuple(q.items()) for q in layers.values()]
+  top = dict(max(kinds, key=kinds.count))
+  return {**top, **{name: q for name, q in layers.items() if q != top}}
 
 def _layer_params(quantization: dict, name: str | None = None) -> dict | None:
   """bits / group_size / mode for layer `name` (None: the top level) from an mlx-lm `quantization` dict; None if a
@@ -215,7 +223,7 @@ def _layer_params(quantization: dict, name: str | None = None) -> dict | None:
 def prepare_quantized(model: Any, quantization: dict, weight_keys: set[str]) -> None:
   """Before weights are assigned: swaps each nn.Linear / nn.Embedding that the checkpoint stores quantized for an
   empty quantized module of the right shapes, deciding as mlx-lm's loader does (a per-layer entry in `quantization`
-  wins, else the layer is quantized iff `<name>.scales` is in `weight_keys`), and records `model.quantization`.
+  wins, else the layer is quantized iff `<name>.scales` is in `weight_keys`).
   A head tied to a quantized embedding shares its tensors: its state-dict keys alias the embedding's."""
   if not isinstance(quantization, dict): raise LoraError(f"quantization must be a JSON object, found {quantization!r}")
   _layer_params(quantization)  # a bad top level fails even when no layer is quantized
@@ -226,4 +234,3 @@ def prepare_quantized(model: Any, quantization: dict, weight_keys: set[str]) -> 
     if isinstance(module, nn.Embedding): return QuantizedEmbedding(rows, cols, params["bits"], params["group_size"], module.weight.dtype)
     return QuantizedLinear(cols, rows, module.bias is not None, params["bits"], params["group_size"], module.weight.dtype)
   _swap(model, make)
-  model.quantization = dict(quantization)

@@ -1,19 +1,18 @@
 """Training the LoRA tensors: masked LM loss, learning-rate schedule, a TinyJit'd step with gradient accumulation,
 clipping and a non-finite guard, and crash-safe checkpoints that resume on the same trajectory."""
 from __future__ import annotations
-import contextlib, math, os, pathlib, shutil, time
+import contextlib, math, os, pathlib, time
 from dataclasses import dataclass, asdict
 from typing import Any, Callable, Sequence
 import numpy as np
 from tinygrad import Context, Device, Tensor, nn, dtypes
-from tinylora.adapter import save_adapter, peft_state, PEFT_WEIGHTS
 from tinylora.config import is_int, is_number
 from tinylora.data import Example, batch_at, eval_batches
-from tinylora.errors import LoraError
-from tinylora.io import check_arrays, read_json, read_safetensors, write_json, write_safetensors
 from tinylora.device_policy import captured_step
 from tinylora.engine import captured_copy_bytes, realize, tqdm
-from tinylora.lora import lora_layers, trainable_parameters
+from tinylora.errors import LoraError
+from tinylora.formats import checkpoint
+from tinylora.lora import trainable_parameters
 from tinylora.precision import LossScale, check_dtype
 
 def lm_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
@@ -197,43 +196,19 @@ class Trainer:
       for batch in batches: losses.append(self._eval(*self._batch(*batch)).item())
     return sum(losses) / max(1, len(losses))
 
-  # ---- checkpoints: <dir>/step_NNNNNN/{adapter files, optimizer.safetensors, trainer_state.json}; <dir>/latest names one
+  # ---- checkpoints (their files: tinylora/formats/checkpoint.py)
 
   def save_checkpoint(self, directory: str | os.PathLike, keep: int = 2, extra: dict | None = None) -> pathlib.Path:
     """Writes a complete checkpoint into a new folder, then atomically points `latest` at it; a crash at any moment
     leaves the previous checkpoint loadable. Keeps the newest `keep` checkpoints."""
     if not is_int(keep) or keep < 1: raise LoraError(f"keep = {keep!r}: expected an integer >= 1 (checkpoints to keep)")
-    directory = pathlib.Path(directory)
-    ckpt = directory / f"step_{self.step:06d}"
-    save_adapter(self.model, ckpt)
-    opt = {f"m.{i}": m for i, m in enumerate(self.opt.m)} | {f"v.{i}": v for i, v in enumerate(self.opt.v)}
-    opt |= {"b1_t": self.opt.b1_t, "b2_t": self.opt.b2_t}
-    write_safetensors(ckpt / "optimizer.safetensors", {k: t.numpy() for k, t in opt.items()})
     scale = {} if self.loss_scale is None else {"loss_scale": self.loss_scale.value}
-    write_json(ckpt / "trainer_state.json", {"step": self.step, "config": asdict(self.config), **scale, **(extra or {})})
-    write_json(directory / "latest.json", {"checkpoint": ckpt.name})
-    for old in sorted(directory.glob("step_*"))[:-keep]:
-      if old != ckpt: shutil.rmtree(old, ignore_errors=True)
-    return ckpt
+    state = {"step": self.step, "config": asdict(self.config), **scale, **(extra or {})}
+    return checkpoint.save(directory, self.model, self.opt, state, keep)
 
   def load_checkpoint(self, directory: str | os.PathLike) -> dict:
     """Restores LoRA tensors, optimizer state and step from the checkpoint `latest.json` names; returns its state."""
-    directory = pathlib.Path(directory)
-    name = read_json(directory / "latest.json").get("checkpoint")
-    if not isinstance(name, str) or not name.startswith("step_"):
-      raise LoraError(f"{directory / 'latest.json'}: expected {{\"checkpoint\": \"step_NNNNNN\"}}, found checkpoint={name!r}")
-    ckpt = directory / name
-    state = read_json(ckpt / "trainer_state.json")
-    if not isinstance(state.get("step"), int): raise LoraError(f"{ckpt / 'trainer_state.json'}: no integer 'step'")
-    opt, _ = read_safetensors(ckpt / "optimizer.safetensors")
-    adapter, _ = read_safetensors(ckpt / PEFT_WEIGHTS)
-    layers = lora_layers(self.model)
-    expected = peft_state({p: l.adapter for p, l in layers.items()})  # A, B and DoRA's magnitude
-    targets = expected | {f"m.{i}": m for i, m in enumerate(self.opt.m)} | {f"v.{i}": v for i, v in enumerate(self.opt.v)}
-    targets |= {"b1_t": self.opt.b1_t, "b2_t": self.opt.b2_t}
-    arrays = adapter | opt
-    check_arrays(str(ckpt), arrays, {k: t.shape for k, t in targets.items()}, floats=True)  # all before any is assigned
-    for k, t in targets.items(): t.assign(Tensor(arrays[k].astype(np.float32), dtype=t.dtype, device=t.device)).realize()
+    state = checkpoint.load(directory, self.model, self.opt)
     self.step = int(state["step"])
     if self.loss_scale is not None and is_number(state.get("loss_scale")): self.loss_scale.value = float(state["loss_scale"])
     return state

@@ -2,7 +2,7 @@
 writes (fp32)."""
 import json
 import pytest
-from tinylora.models import load_pretrained, save_pretrained
+from tinylora import load_pretrained, save_pretrained
 from test_models import VARIANTS, hf_weights, logits_of, tiny_config, tokens_np, write_checkpoint
 from .common import assert_close, hf_logits, hf_model, tl_logits
 

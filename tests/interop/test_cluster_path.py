@@ -5,7 +5,7 @@ At each hand-off the receiving library's loss on a held-out batch equals the sen
 falling from there. Only the adapter crosses: each side starts its own AdamW moments."""
 import numpy as np, pytest
 import tinylora as tl
-from tinylora.models import load_pretrained
+from tinylora import load_pretrained
 from tinylora.train import TrainConfig, Trainer, lm_loss, to_devices
 from tinygrad import Tensor
 from .common import MAX_DIFFS, peft_loading_saved, peft_model

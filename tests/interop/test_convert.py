@@ -3,7 +3,7 @@ adapter saved in PEFT's format gives mlx-lm's logits in PEFT."""
 import pytest
 import tinylora as tl
 from tinylora import LoraError
-from tinylora.models import load_pretrained
+from tinylora import load_pretrained
 from .common import assert_close, hf_logits, mlx_loading_saved, mlx_logits, peft_loading_saved
 from .conftest import MLX_VARIANTS, PEFT_VARIANTS
 

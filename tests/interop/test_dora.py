@@ -3,7 +3,7 @@ a few AdamW steps from the same PEFT DoRA adapter giving torch + PEFT's loss tra
 import json
 import numpy as np, pytest
 import tinylora as tl
-from tinylora.models import load_pretrained
+from tinylora import load_pretrained
 from .common import (MAX_DIFFS, assert_close, hf_logits, hf_model, mlx_load, mlx_logits, mlx_with_adapter, peft_model, tl_adamw_losses,
                      tl_logits, torch_adamw_losses)
 from .conftest import T7

@@ -6,8 +6,8 @@ import dataclasses, importlib.metadata, pathlib, warnings
 import numpy as np, pytest
 from tinygrad import Tensor, dtypes
 import tinylora as tl
-from tinylora.models import Model, load_pretrained, save_pretrained
-from tinylora.tokenizer import load_tokenizer
+from tinylora import load_pretrained, load_tokenizer, save_pretrained
+from tinylora.models import Model
 from .common import assert_close
 
 pytestmark = pytest.mark.interop

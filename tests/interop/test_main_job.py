@@ -4,7 +4,7 @@ held-out answers word for word; llama.cpp on `merged-f16.gguf` (float16 weights)
 `--lora adapter.gguf` (its quantized matmuls) answer every held-out question right."""
 import json, pathlib, subprocess, sys
 import pytest
-from tinylora.tokenizer import load_tokenizer
+from tinylora import load_tokenizer
 
 pytestmark = pytest.mark.interop
 EXAMPLE = pathlib.Path(__file__).parents[2] / "examples" / "finetune.py"

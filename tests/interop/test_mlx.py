@@ -3,7 +3,7 @@ format load in mlx-lm with every tensor and give the same logits, and tinylora's
 import json
 import numpy as np, pytest
 import tinylora as tl
-from tinylora.models import load_pretrained
+from tinylora import load_pretrained
 from tinylora.quant import BITS, GROUP_SIZES, dequantize_array, quantize_array
 from .common import assert_close, mlx_load, mlx_loading_saved, mlx_logits, tl_logits
 from .conftest import MLX_VARIANTS, QUANT_VARIANTS
@@ -52,7 +52,7 @@ def test_mlx_adapter_on_quantized_checkpoint(mlx_quantized_adapters, tmp_path, n
 @pytest.mark.parametrize("name", ["llama", "llama_tied"])
 def test_tinylora_quantized_checkpoint_loads_in_mlx_lm(needs_mlx, hf_models, tmp_path, name):
   """quantize + save_pretrained writes what mlx-lm's own loader reads, with the same logits (and bit-equal codes)."""
-  from tinylora.models import save_pretrained
+  from tinylora import save_pretrained
   from tinylora.quant import quantize
   model = quantize(load_pretrained(hf_models[name]), bits=4, group_size=32)
   save_pretrained(model, tmp_path)

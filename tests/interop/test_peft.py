@@ -3,7 +3,7 @@ saves load in PEFT with every tensor and give the same logits."""
 import json
 import pytest
 import tinylora as tl
-from tinylora.models import load_pretrained
+from tinylora import load_pretrained
 from .common import assert_close, hf_logits, peft_loading_saved, tl_logits
 from .conftest import PEFT_VARIANTS
 

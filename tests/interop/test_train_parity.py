@@ -1,7 +1,7 @@
 """A few AdamW steps on the LoRA tensors from the same PEFT adapter and batch give torch + PEFT's loss trajectory."""
 import numpy as np, pytest
 import tinylora as tl
-from tinylora.models import load_pretrained
+from tinylora import load_pretrained
 from .common import MAX_DIFFS, assert_close, peft_model, tl_adamw_losses, torch_adamw_losses
 
 pytestmark = pytest.mark.interop

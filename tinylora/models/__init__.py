@@ -1,5 +1,5 @@
-"""Decoder models (Llama, Mistral, Qwen2) with Hugging Face names, and loading/saving of HF model directories."""
+"""Decoder models (Llama, Mistral, Qwen2) with Hugging Face names. Reading and writing their files is tinylora.formats'
+(load_pretrained, save_pretrained)."""
 from tinylora.models.llama import SUPPORTED, KVCache, Model, ModelConfig
-from tinylora.models.pretrained import load_pretrained, save_pretrained
 
-__all__ = ["SUPPORTED", "KVCache", "Model", "ModelConfig", "load_pretrained", "save_pretrained"]
+__all__ = ["SUPPORTED", "KVCache", "Model", "ModelConfig"]

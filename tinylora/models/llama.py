@@ -8,7 +8,7 @@ Sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) is not im
 attention while a sequence fits the window, so longer sequences raise LoraError instead of silently differing.
 """
 from __future__ import annotations
-import functools, math
+import functools, math, types
 from dataclasses import dataclass, field
 import numpy as np
 from tinygrad import Tensor, UOp, dtypes, function, nn
@@ -238,6 +238,7 @@ class Model:
   [start_pos, start_pos+T), stores their keys and values and attends to everything cached before them."""
   def __init__(self, config: ModelConfig):
     self.config = config
+    self.file_metadata = types.MappingProxyType({})  # the source GGUF's tokenizer metadata, read-only
     # run each full-sequence decoder layer as one tinygrad function, whose kernels are scheduled and compiled once for
     # all layers (a faster first step on deep models; its backward recomputes what the layer does not return, such as
     # LoRA's rank-r products: slightly more FLOPs, see bench/RESULTS.md, "Figures behind code comments"); grad_checkpoint

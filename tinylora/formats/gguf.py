@@ -1,29 +1,30 @@
-"""Reading llama.cpp GGUF model files (llama, mistral and qwen2 architectures) into tinylora's Model.
+"""The GGUF container shared by llama.cpp model files, LoRA adapter files and the tokenizers inside them: the header and
+tensor directory (read with tinygrad's own GGUF value readers, through tinylora.engine), tensor data, packed Q4/Q8 repacking,
+HF <-> GGUF tensor names, llama's Q/K row permutation, `rope_freqs`, metadata writing (llama.cpp's `gguf` package, an
+optional extra) and the tokenizer <-> `tokenizer.*` metadata both ways.
 
-The header is walked with tinygrad's own GGUF value readers (`tinygrad.llm.gguf`) and every tensor type tinygrad can
-dequantize is dequantized by `ggml_data_to_tensor`. Q4_0, Q4_1 and Q8_0 are affine formats with 32 weights per block
-and a float16 scale (and min), so they are repacked, without rounding, into `tinylora.quant`'s layout:
+Q4_0, Q4_1 and Q8_0 are affine formats with 32 weights per block and a float16 scale (and min), so they are repacked,
+without rounding, into `tinylora.quant`'s layout:
   Q4_1: w = d * q + m          -> scale d, bias m
   Q4_0: w = d * (q - 8)        -> scale d, bias -8d
   Q8_0: w = d * q (q: int8)    -> codes q + 128, scale d, bias -128d
 (multiplying a float16 by a power of two is exact, and the dequantized values computed in float32 equal llama.cpp's).
 """
 from __future__ import annotations
-import io, json, os, pathlib, re, struct, types
+import contextlib, io, json, os, pathlib, re, struct
 from dataclasses import dataclass
+from typing import Any, Iterator
 import numpy as np
-from tinygrad import Tensor, dtypes
-from tinygrad.dtype import DType
-from tinygrad.llm.gguf import _GGML_QUANT, ggml_data_to_tensor, read_int32, read_int64, read_str, read_uint32, read_uint64, readers
+from tinygrad import Tensor
+from tinylora.engine import (GGML_QUANT_BLOCKS, ggml_data_to_tensor, read_int32, read_int64, read_str, read_uint32,
+                             read_uint64, readers)
 from tinylora.errors import LoraError
+from tinylora.formats.hf import tokenizers_package
 from tinylora.io import atomic_path
-from tinylora.models.llama import Model, ModelConfig, _rope_scaling, rope_inv_freq
-from tinylora.models.pretrained import assign_weights
-from tinylora.quant import QuantizedEmbedding, QuantizedLinear, dequantize_array, pack_array, prepare_quantized
-from tinylora.tree import named_modules, unique_state_dict
+from tinylora.models.llama import ModelConfig, _rope_scaling, rope_inv_freq
+from tinylora.quant import dequantize_array, pack_array
+from tinylora.tokenizer import HFTokenizer
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "BF16": 30}
 # packed types kept as tinylora.quant layers: ggml type -> (bits, bytes per 32-weight block)
 PACKED = {2: (4, 18), 3: (4, 20), 8: (8, 34)}
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
@@ -33,6 +34,9 @@ LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "at
                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GGUF_NAMES = {hf: gg for gg, hf in LAYER_NAMES.items()} | {hf: gg for gg, hf in TOP_NAMES.items()}
+
+# ---------------------------------------------------------------- reading
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -45,8 +49,8 @@ class TensorInfo:
   @property
   def nbytes(self) -> int:
     n = int(np.prod(self.shape))
-    if self.ggml_type in _GGML_QUANT:
-      per_block, block_bytes = _GGML_QUANT[self.ggml_type]
+    if self.ggml_type in GGML_QUANT_BLOCKS:
+      per_block, block_bytes = GGML_QUANT_BLOCKS[self.ggml_type]
       return n // per_block * block_bytes
     if self.ggml_type == 30: return 2 * n
     return n * np.dtype(_NATIVE[self.ggml_type]).itemsize
@@ -74,7 +78,7 @@ def _read_header(path: pathlib.Path) -> tuple[dict, list[TensorInfo]]:
     raise LoraError(f"{path}: truncated or corrupt GGUF header ({type(e).__name__}: {e})") from None
   infos = []
   for name, dims, typ, off in raw:
-    if typ not in _NATIVE and typ != 30 and typ not in _GGML_QUANT:
+    if typ not in _NATIVE and typ != 30 and typ not in GGML_QUANT_BLOCKS:
       raise LoraError(f"{path}: tensor {name!r} has GGML type {typ}, which tinygrad cannot read")
     info = TensorInfo(name, tuple(int(d) for d in reversed(dims)), typ, path, start + off)
     if info.offset + info.nbytes > size:
@@ -127,6 +131,8 @@ def read_packed(info: TensorInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     bias = blocks[..., 2:4].copy().view(np.float16)[..., 0] if info.ggml_type == 3 else d * np.float16(-8)
   return pack_array(q.reshape(info.shape), bits), d, bias
 
+# ---------------------------------------------------------------- names and layouts
+
 def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
   """Undoes llama.cpp's convert_hf_to_gguf row permutation of llama Q/K projections (rotate_half -> interleaved RoPE);
   works on any array whose first axis is the output rows (weights, packed codes, scales)."""
@@ -136,6 +142,13 @@ def permute_qk(w: np.ndarray, heads: int) -> np.ndarray:
   """convert_hf_to_gguf's permutation: the inverse of `unpermute_qk`."""
   return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
+def qk_heads(config: ModelConfig, key: str) -> int | None:
+  """The head count llama.cpp permutes the rows of HF tensor `key` with: a llama or mistral Q or K projection's (None
+  for anything else, and for qwen2, whose converter keeps HF's order)."""
+  if config.model_type == "qwen2": return None
+  return {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}.get(
+    key.rsplit(".", 1)[0].split(".", 3)[-1])
+
 def hf_name(name: str) -> str | None:
   """The HF state-dict key of a GGUF tensor name (blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight)."""
   if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name):
@@ -143,31 +156,11 @@ def hf_name(name: str) -> str | None:
   stem, _, kind = name.rpartition(".")
   return f"{TOP_NAMES[stem]}.{kind}" if stem in TOP_NAMES else None
 
-def config_from_gguf(kv: dict, tensors: dict[str, TensorInfo], where: str) -> dict:
-  """An HF config.json dict from GGUF metadata."""
-  arch = kv.get("general.architecture")
-  if arch not in ARCHITECTURES:
-    raise LoraError(f"{where}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
-  def get(key: str, default=None):
-    if (value := kv.get(f"{arch}.{key}", default)) is None: raise LoraError(f"{where}: GGUF metadata lacks {arch}.{key}")
-    return value
-  heads = get("attention.head_count")
-  hidden = get("embedding_length")
-  head_dim, theta = get("attention.key_length", hidden // heads), get("rope.freq_base", 10000.0)
-  vocab = kv.get(f"{arch}.vocab_size") or len(kv.get("tokenizer.ggml.tokens", [])) or tensors["token_embd.weight"].shape[0]
-  config = {"model_type": arch, "architectures": [ARCHITECTURES[arch]], "hidden_size": hidden,
-            "intermediate_size": get("feed_forward_length"), "num_hidden_layers": get("block_count"),
-            "num_attention_heads": heads, "num_key_value_heads": get("attention.head_count_kv", heads),
-            "head_dim": head_dim, "vocab_size": vocab, "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
-            "rope_theta": theta, "max_position_embeddings": get("context_length", 2048),
-            "tie_word_embeddings": "output.weight" not in tensors,
-            "bos_token_id": kv.get("tokenizer.ggml.bos_token_id"), "eos_token_id": kv.get("tokenizer.ggml.eos_token_id")}
-  if "rope_freqs.weight" in tensors:
-    factors = read_array(tensors["rope_freqs.weight"]).astype(np.float32)
-    if factors.shape != (head_dim // 2,):
-      raise LoraError(f"{where}: rope_freqs has shape {factors.shape}, expected ({head_dim // 2},) for head_dim {head_dim}")
-    if (factors != 1).any(): config["rope_scaling"] = llama3_scaling(factors, head_dim, theta, where)
-  return config
+def gguf_name(key: str) -> str:
+  """The GGUF tensor name of an HF state-dict key (model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight)."""
+  module, kind = key.rsplit(".", 1)
+  if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module): return f"blk.{m.group(1)}.{_GGUF_NAMES[m.group(2)]}.{kind}"
+  return f"{_GGUF_NAMES[module]}.{kind}"
 
 def rope_freqs(head_dim: int, theta: float, scaling: tuple) -> np.ndarray:
   """llama.cpp's `rope_freqs` tensor for llama3 RoPE scaling: the factor each inverse frequency is divided by."""
@@ -192,126 +185,25 @@ def llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, where: str)
   raise LoraError(f"{where}: rope_freqs factors ({factors.min():.4g}..{factor:.4g}) do not follow llama3's RoPE scaling, "
                   "the only pattern supported")
 
-def read_weights(kv: dict, tensors: dict[str, TensorInfo], config: dict, where: str, dequantize: bool
-                 ) -> tuple[dict[str, np.ndarray], dict]:
-  """HF-named arrays (packed layers as `.weight` codes plus `.scales` / `.biases`) and the mlx-style `quantization`
-  dict that describes the packed ones (empty when none are kept packed)."""
-  weights, quantization = {}, {}
-  for name, info in tensors.items():
-    if name == "rope_freqs.weight": continue  # in the config (config_from_gguf)
-    if (key := hf_name(name)) is None: raise LoraError(f"{where}: tensor {name!r} has no place in a {config['model_type']} model")
-    module = key.rsplit(".", 1)[0]
-    heads = {"self_attn.q_proj": config["num_attention_heads"], "self_attn.k_proj": config["num_key_value_heads"]}.get(
-      module.split(".", 3)[-1]) if config["model_type"] != "qwen2" else None
-    fix = (lambda a: unpermute_qk(a, heads)) if heads else (lambda a: a)
-    if info.ggml_type in PACKED and not dequantize and key.endswith(".weight"):
-      codes, scales, biases = read_packed(info)
-      weights |= {key: fix(codes), f"{module}.scales": fix(scales), f"{module}.biases": fix(biases)}
-      quantization[module] = {"bits": PACKED[info.ggml_type][0], "group_size": 32, "mode": "affine"}
-    else: weights[key] = fix(read_array(info))
-  if quantization:  # the most common format at the top level, as mlx-lm writes it; the others per layer
-    formats = [tuple(q.items()) for q in quantization.values()]
-    top = dict(max(set(formats), key=formats.count))
-    quantization = {**top, **{m: q for m, q in quantization.items() if q != top}}
-  return weights, quantization
-
-def load_gguf(path: str | os.PathLike, dtype: DType | None = None, dequantize: bool = False):
-  """A Model from a GGUF file (or the first file of a split set). Q4_0 / Q4_1 / Q8_0 weights stay packed as
-  tinylora.quant layers unless `dequantize`; every other tensor is dequantized to `dtype` (default float16)."""
-  kv, tensors = read_gguf(path)
-  config = config_from_gguf(kv, tensors, str(path))
-  weights, quantization = read_weights(kv, tensors, config, str(path), dequantize)
-  model = Model(ModelConfig.from_hf(config))
-  if quantization: prepare_quantized(model, quantization, set(weights))
-  assign_weights(model, weights, dtype or dtypes.float16)
-  # carried into GGUF files saved from this model; a read-only mapping, which tinygrad's state-dict walk skips
-  model.gguf_tokenizer = types.MappingProxyType({k: v for k, v in kv.items() if k.startswith("tokenizer.")})
-  return model
-
 # ---------------------------------------------------------------- writing (llama.cpp's `gguf` package, optional extra)
 
-QUANTIZATIONS = {"f32": ("F32", 0), "f16": ("F16", 1), "q8_0": ("Q8_0", 7), "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3)}
-_GGUF_NAMES = {hf: gg for gg, hf in LAYER_NAMES.items()} | {hf: gg for gg, hf in TOP_NAMES.items()}
-
-def _gguf():
+def gguf_package():
   try: import gguf
   except ImportError as e: raise ImportError("writing GGUF files needs llama.cpp's 'gguf' package: pip install tinylora[gguf]") from e
   return gguf
 
-def gguf_name(key: str) -> str:
-  """The GGUF tensor name of an HF state-dict key (model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight)."""
-  module, kind = key.rsplit(".", 1)
-  if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module): return f"blk.{m.group(1)}.{_GGUF_NAMES[m.group(2)]}.{kind}"
-  return f"{_GGUF_NAMES[module]}.{kind}"
-
-def _qk_heads(config, key: str) -> int | None:
-  """The head count llama.cpp permutes a llama Q or K projection's rows with (None for anything else)."""
-  if config.model_type == "qwen2": return None
-  return {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}.get(
-    key.rsplit(".", 1)[0].split(".", 3)[-1])
-
-def write_model(model, path: str | os.PathLike, quantization: str, tokenizer_metadata: dict) -> None:
-  """Writes a merged model as one GGUF file, atomically: 2-D weights in `quantization` (rows that do not divide into
-  32-weight blocks stay float16), norms and biases float32, as llama.cpp's converter writes them."""
-  gguf = _gguf()
-  if quantization not in QUANTIZATIONS:
-    raise LoraError(f"unknown GGUF quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
-  c = model.config
-  weights = {}
-  packed = {p: m for p, m, _, _ in named_modules(model) if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
-  for key, t in unique_state_dict(model).items():
-    module, kind = key.rsplit(".", 1)
-    if module in packed:
-      if kind in ("scales", "biases"): continue
-      if kind == "weight": t = packed[module].dequantize(dtypes.float32)
-    weights[key] = t.float().numpy()
-  if c.tie_word_embeddings: weights.pop("lm_head.weight", None)
-  type_name, file_type = QUANTIZATIONS[quantization]
-  arch = "llama" if c.model_type == "mistral" else c.model_type  # llama.cpp runs Mistral as llama
+@contextlib.contextmanager
+def writer(path: str | os.PathLike, config: ModelConfig, kind: str) -> Iterator[tuple[Any, Any]]:
+  """Yields (GGUFWriter, the gguf package) for one file of general.type `kind` ("model" or "adapter") of a model with
+  `config`; on leaving, writes header, metadata and tensors and renames the file into place atomically."""
+  gguf = gguf_package()
   with atomic_path(path) as tmp:
-    w = gguf.GGUFWriter(str(tmp), arch)
-    w.add_type(gguf.GGUFType.MODEL)
-    w.add_block_count(c.num_hidden_layers); w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size); w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads); w.add_head_count_kv(c.num_key_value_heads)
-    w.add_key_length(c.head_dim); w.add_value_length(c.head_dim); w.add_rope_dimension_count(c.head_dim)
-    w.add_rope_freq_base(c.rope_theta); w.add_layer_norm_rms_eps(c.rms_norm_eps); w.add_vocab_size(c.vocab_size)
-    w.add_file_type(file_type); w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for key, value in tokenizer_metadata.items(): _add_value(w, gguf, key, value)
-    if c.rope_scaling: w.add_tensor("rope_freqs.weight", rope_freqs(c.head_dim, c.rope_theta, c.rope_scaling))
-    for key, a in weights.items():
-      if (heads := _qk_heads(c, key)) is not None: a = permute_qk(a, heads)
-      kind = getattr(gguf.GGMLQuantizationType, type_name)
-      if a.ndim < 2 or not key.endswith(".weight"): kind = gguf.GGMLQuantizationType.F32
-      elif type_name.startswith("Q") and a.shape[-1] % 32: kind = gguf.GGMLQuantizationType.F16
-      data = gguf.quants.quantize(a.astype(np.float32), kind)
-      w.add_tensor(gguf_name(key), data, raw_dtype=kind if kind not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else None)
+    w = gguf.GGUFWriter(str(tmp), "llama" if config.model_type == "mistral" else config.model_type)  # llama.cpp runs Mistral as llama
+    w.add_type(kind)
+    yield w, gguf
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
 
-def write_adapter(layers: dict, config, path: str | os.PathLike) -> None:
-  """Writes LoRA adapters (dotted path -> Adapter with lora_A (r, in), lora_B (out, r), scale, r) as a llama.cpp
-  LoRA adapter (convert_lora_to_gguf.py's format, loaded with `--lora`): tensors `<gguf name>.lora_a` (r, in) and
-  `.lora_b` (out, r) in float32, llama's Q/K rows permuted on B, and adapter.lora.alpha such that llama.cpp's scale
-  alpha / r equals each layer's scale (folded into B where layers differ in rank or scale)."""
-  gguf = _gguf()
-  scales, ranks = {l.scale for l in layers.values()}, {l.r for l in layers.values()}
-  alpha = scales.pop() * ranks.pop() if len(scales) == 1 and len(ranks) == 1 else 1.0
-  with atomic_path(path) as tmp:
-    w = gguf.GGUFWriter(str(tmp), "llama" if config.model_type == "mistral" else config.model_type)
-    w.add_type(gguf.GGUFType.ADAPTER)
-    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
-    for path_, layer in layers.items():
-      if path_ == "lm_head" and config.tie_word_embeddings:
-        raise LoraError("llama.cpp ignores an adapter on a tied lm_head; save this adapter as PEFT or mlx instead")
-      A, B = layer.lora_A.float().numpy(), layer.lora_B.float().numpy() * (layer.scale * layer.r / alpha)
-      if (heads := _qk_heads(config, f"{path_}.weight")) is not None: B = permute_qk(B, heads)
-      name = gguf_name(f"{path_}.weight")
-      w.add_tensor(f"{name}.lora_a", np.ascontiguousarray(A, np.float32))
-      w.add_tensor(f"{name}.lora_b", np.ascontiguousarray(B, np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-
-def _add_value(w, gguf, key: str, value) -> None:
+def add_value(w, key: str, value) -> None:
   """One metadata value with the GGUF type llama.cpp expects for it (token ids uint32, flags bool, lists typed by item)."""
   if isinstance(value, bool): w.add_bool(key, value)
   elif isinstance(value, int): w.add_uint32(key, value)
@@ -320,11 +212,13 @@ def _add_value(w, gguf, key: str, value) -> None:
   elif isinstance(value, list) and value:
     w.add_array(key, value)
 
-def tokenizer_metadata(tokenizer) -> dict:
+# ---------------------------------------------------------------- tokenizers <-> `tokenizer.*` metadata
+
+def tokenizer_metadata(tokenizer: HFTokenizer) -> dict:
   """GGUF `tokenizer.*` metadata for an HFTokenizer: the metadata it was read from, or, for a byte-level BPE
   tokenizer.json, its vocabulary, merges, token types (special added tokens are control tokens), special token ids,
   whether bos is added, and the chat template."""
-  if (metadata := getattr(tokenizer, "gguf_metadata", None)) is not None: return dict(metadata)
+  if tokenizer.file_metadata: return dict(tokenizer.file_metadata)
   spec = json.loads(tokenizer.tokenizer.to_str())
   kinds = {spec.get("decoder", {}).get("type"), *(p.get("type") for p in spec.get("pre_tokenizer", {}).get("pretokenizers", []))}
   if spec["model"]["type"] != "BPE" or not ({"ByteLevel"} & (kinds | {spec.get("pre_tokenizer", {}).get("type")})):
@@ -343,3 +237,67 @@ def tokenizer_metadata(tokenizer) -> dict:
     if i is not None: out[f"tokenizer.ggml.{key}_token_id"] = i
   if tokenizer.chat_template: out["tokenizer.chat_template"] = tokenizer.chat_template
   return out
+
+def tokenizer_keys(kv: dict) -> dict:
+  """The tokenizer's part of GGUF metadata: what a model or tokenizer read from a GGUF carries into GGUFs saved later."""
+  return {k: v for k, v in kv.items() if k.startswith("tokenizer.")}
+
+# pre-tokenizer splits of byte-level GGUF vocabularies by `tokenizer.ggml.pre`, as transformers' GGUF loader applies them
+_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+GGUF_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+               "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+
+def _byte_alphabet() -> set[str]:
+  """The 256 characters byte-level BPE spells bytes with (GPT-2's bytes_to_unicode)."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  return {chr(b) for b in printable} | {chr(256 + i) for i in range(256 - len(printable))}
+
+def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+  """BPE merges of a SentencePiece vocabulary that has scores but no merges (transformers' generate_merges)."""
+  merges = []
+  for piece, score in scores.items():
+    local = [(piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+    merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+  return [(l, r) for l, r, _ in sorted(merges, key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)]
+
+def read_tokenizer(kv: dict, where: str = "GGUF") -> HFTokenizer:
+  """The tokenizer in GGUF metadata, built as transformers' GGUF loader builds it: byte-level BPE ("gpt2": Llama 3,
+  Qwen2, SmolLM, ...) or SentencePiece BPE ("llama": Llama 2, Mistral), with control tokens special, user-defined
+  tokens added, bos/eos added as `add_bos_token` / `add_eos_token` say, and the chat template."""
+  tk = tokenizers_package()
+  kind, tokens = kv.get("tokenizer.ggml.model"), kv.get("tokenizer.ggml.tokens")
+  if kind not in ("gpt2", "llama") or not tokens:
+    raise LoraError(f"{where}: GGUF tokenizer model {kind!r} is not supported (byte-level 'gpt2' or SentencePiece 'llama')")
+  vocab, types = {t: i for i, t in enumerate(tokens)}, kv.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+  merges = [tuple(m.split(" ", 1)) for m in kv["tokenizer.ggml.merges"]] if "tokenizer.ggml.merges" in kv else None
+  if kind == "gpt2":
+    tokenizer = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=merges or [], dropout=None, continuing_subword_prefix="",
+                                           end_of_word_suffix="", fuse_unk=False))
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split := GGUF_SPLITS.get(kv.get("tokenizer.ggml.pre")):
+      tokenizer.pre_tokenizer = tk.pre_tokenizers.Sequence([tk.pre_tokenizers.Split(tk.Regex(split), behavior="isolated"),
+                                                            tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = tk.decoders.ByteLevel()
+    alphabet = _byte_alphabet()
+    control = [t for t, ty in zip(tokens, types) if ty == CONTROL and set(t) <= alphabet]
+  else:
+    if merges is None: merges = _merges_from_scores(vocab, dict(zip(tokens, kv.get("tokenizer.ggml.scores", [0.0] * len(tokens)))))
+    tokenizer = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tokenizer.decoder = tk.decoders.Sequence([tk.decoders.Replace("▁", " "), tk.decoders.ByteFallback(), tk.decoders.Fuse(),
+                                              tk.decoders.Strip(" ", 1, 0)])
+    control = [t for t, ty in zip(tokens, types) if ty == CONTROL]
+  special = {name: tokens[i] for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
+                                               ("pad_token", "padding"))
+             if isinstance(i := kv.get(f"tokenizer.ggml.{key}_token_id"), int) and 0 <= i < len(tokens)}
+  tokenizer.add_special_tokens([tk.AddedToken(t, normalized=False, special=True) for t in control + list(special.values())])
+  tokenizer.add_tokens([tk.AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+  add_bos = kv.get("tokenizer.ggml.add_bos_token", kind == "llama") and "bos_token" in special
+  add_eos = kv.get("tokenizer.ggml.add_eos_token", False) and "eos_token" in special
+  bos, eos = special.get("bos_token"), special.get("eos_token")
+  single = (f"{bos}:0 " if add_bos else "") + "$A:0" + (f" {eos}:0" if add_eos else "")
+  pair = single + (f" {bos}:1" if add_bos else "") + " $B:1" + (f" {eos}:1" if add_eos else "")
+  tokenizer.post_processor = tk.processors.TemplateProcessing(
+    single=single, pair=pair, special_tokens=[(t, vocab[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on])
+  return HFTokenizer(tokenizer, {**special, "chat_template": kv.get("tokenizer.chat_template")}, tokenizer_keys(kv))
