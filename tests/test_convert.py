@@ -30,6 +30,21 @@ def test_convert_peft_to_mlx_and_back(tmp_path, capsys):
   back = tl.load_adapter(load_pretrained(tmp_path / "base"), tmp_path / "back")
   np.testing.assert_array_equal(back(tokens).numpy(), ref)
 
+def test_convert_a_llama_cpp_adapter_to_peft(tmp_path, capsys):
+  """A .gguf adapter is detected as llama.cpp's (here tinylora's own, ranks that differ folded into B) and converts."""
+  Tensor.manual_seed(0)
+  save_pretrained(Model.from_config(CFG), tmp_path / "base")
+  m = tl.inject(load_pretrained(tmp_path / "base"), tl.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                                  rank_pattern={"down_proj": 2}, init_lora_weights=False))
+  tokens = Tensor([[1, 5, 9, 3]])
+  ref = m(tokens).numpy()
+  tl.save_adapter(m, tmp_path / "a.gguf", format="gguf")
+  assert main(["convert", "--model", str(tmp_path / "base"), "--adapter-path", str(tmp_path / "a.gguf"), "--save-path",
+               str(tmp_path / "peft"), "--format", "peft"]) == 0
+  assert "(gguf) ->" in capsys.readouterr().out
+  back = tl.load_adapter(load_pretrained(tmp_path / "base"), tmp_path / "peft")
+  np.testing.assert_allclose(back(tokens).numpy(), ref, atol=1e-5)
+
 @pytest.mark.parametrize("args, message", [
   (lambda t: ["--model", str(t / "nowhere"), "--adapter-path", str(t / "peft"), "--format", "mlx", "--save-path", str(t / "o")],
    "model not found"),

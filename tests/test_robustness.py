@@ -537,7 +537,7 @@ def test_unsupported_save_dtypes_are_refused_before_writing(tmp_path, array):
 
 def test_unknown_format_and_missing_files(base, adapter_files, tmp_path):
   write_adapter(tmp_path, adapter_files["peft"])
-  with pytest.raises(LoraError, match="unknown adapter format 'onnx': expected 'peft' or 'mlx'"):
+  with pytest.raises(LoraError, match="unknown adapter format 'onnx': expected 'peft', 'mlx' or 'gguf'"):
     tl.load_adapter(base.model, tmp_path, format="onnx")
   write_adapter(tmp_path / "mlx", adapter_files["mlx"] | {WEIGHTS["mlx"]: None})
   with pytest.raises(FileNotFoundError, match="adapters.safetensors"): tl.load_adapter(base.model, tmp_path / "mlx")

@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
                      "adapter at --adapter-path, folds it into the weights and saves a plain model (HF directory with "
                      "the tokenizer, or a .gguf file with --export-gguf).")
   _model_flag(f)
-  f.add_argument("--adapter-path", default="adapters", help="the adapter directory, PEFT or mlx-lm (default adapters)")
+  f.add_argument("--adapter-path", default="adapters", help="the adapter: a PEFT or mlx-lm directory or a llama.cpp .gguf file (default adapters)")
   f.add_argument("--save-path", default="fused_model", help="where the fused model goes (default fused_model)")
   f.add_argument("--de-quantize", action="store_true", help="keep a quantized base's fused weights in float16 "
                  "(default: quantize them again with the base's bits and group size)")
@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
   g = sub.add_parser("generate", help="generate text", description="Greedy or sampled generation from --prompt, with "
                      "the model's chat template unless --ignore-chat-template.")
   _model_flag(g)
-  g.add_argument("--adapter-path", help="an adapter directory to apply (PEFT or mlx-lm)")
+  g.add_argument("--adapter-path", help="an adapter to apply: a PEFT or mlx-lm directory or a llama.cpp .gguf file")
   g.add_argument("--prompt", required=True, help="the prompt text")
   g.add_argument("--max-tokens", type=int, default=100, help="most new tokens (default 100)")
   g.add_argument("--temp", type=float, default=0.0, help="sampling temperature, 0 for greedy (default 0)")
@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
   c = sub.add_parser("convert", help="rewrite an adapter in another format", description="Loads the adapter at "
                      "--adapter-path onto --model (checking every tensor) and writes it to --save-path in --format.")
   _model_flag(c)
-  c.add_argument("--adapter-path", required=True, help="the adapter directory, PEFT or mlx-lm (detected)")
+  c.add_argument("--adapter-path", required=True, help="the adapter: a PEFT or mlx-lm directory or a llama.cpp .gguf file (detected)")
   c.add_argument("--save-path", required=True, help="output directory (a .gguf file for --format gguf)")
   c.add_argument("--format", required=True, choices=list(ADAPTER_FORMATS), help="the format to write")
   return p

@@ -89,8 +89,9 @@ def save_adapter(model: Any, path: str | os.PathLike, format: str = "peft", adap
   _choose(ADAPTER_FORMATS, "adapter", format, "write").write(model, layers, config, pathlib.Path(path))
 
 def load_adapter(model: Any, path: str | os.PathLike, format: str | None = None, adapter_name: str = DEFAULT) -> Any:
-  """Reads a PEFT or mlx-lm adapter directory (format detected unless given) and adds it to `model` as adapter
-  `adapter_name`, beside any already there (the model's first adapter is the active one; see set_adapter).
+  """Reads a PEFT or mlx-lm adapter directory or a llama.cpp LoRA `.gguf` file (format detected unless given) and adds
+  it to `model` as adapter `adapter_name`, beside any already there (the model's first adapter is the active one; see
+  set_adapter).
   Every tensor is checked against the model first: on any error the model is left exactly as it was."""
   if adapter_name in (names := list_adapters(model)):
     raise LoraError(f"the model already has an adapter named {adapter_name!r} (adapters: {names}); load it under another adapter_name")

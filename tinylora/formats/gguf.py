@@ -149,6 +149,10 @@ def qk_heads(config: ModelConfig, key: str) -> int | None:
   return {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}.get(
     key.rsplit(".", 1)[0].split(".", 3)[-1])
 
+def architecture(config: ModelConfig) -> str:
+  """The GGUF `general.architecture` of a model: its model_type, except Mistral, which llama.cpp runs as llama."""
+  return "llama" if config.model_type == "mistral" else config.model_type
+
 def hf_name(name: str) -> str | None:
   """The HF state-dict key of a GGUF tensor name (blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight)."""
   if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name):
@@ -198,7 +202,7 @@ def writer(path: str | os.PathLike, config: ModelConfig, kind: str) -> Iterator[
   `config`; on leaving, writes header, metadata and tensors and renames the file into place atomically."""
   gguf = gguf_package()
   with atomic_path(path) as tmp:
-    w = gguf.GGUFWriter(str(tmp), "llama" if config.model_type == "mistral" else config.model_type)  # llama.cpp runs Mistral as llama
+    w = gguf.GGUFWriter(str(tmp), architecture(config))
     w.add_type(kind)
     yield w, gguf
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()

@@ -1,25 +1,75 @@
 """llama.cpp LoRA adapter files (convert_lora_to_gguf.py's format, loaded with `--lora`): one `.gguf` of general.type
-adapter with tensors `<gguf name>.lora_a` (r, in) and `.lora_b` (out, r) in float32, llama's Q/K rows permuted on B,
-and adapter.lora.alpha."""
+adapter with tensors `<gguf name>.lora_a` (r, in) and `.lora_b` (out, r), llama's Q/K rows permuted on B, and
+adapter.lora.alpha. llama.cpp scales each pair by alpha / r, r the pair's rank (by 1 where alpha is 0)."""
 from __future__ import annotations
 import pathlib
 from typing import Any
 import numpy as np
-from tinylora.config import LoraConfig
+from tinylora.config import LoraConfig, is_number
 from tinylora.errors import LoraError
-from tinylora.formats.common import finite_arrays
-from tinylora.formats.gguf import gguf_name, permute_qk, qk_heads, writer
-from tinylora.lora import Adapter
+from tinylora.formats.common import AdapterFile, finite_arrays
+from tinylora.formats.gguf import architecture, gguf_name, hf_name, permute_qk, qk_heads, read_array, read_gguf, unpermute_qk, writer
+from tinylora.lora import Adapter, adaptable_linears
 
+SIGNATURE = "llama.cpp LoRA (a '.gguf' file)"  # how detect tells it, for the error when no format does
 FILE_NAME = "adapter.gguf"  # the file's name when saved into an output directory (tinylora train --format gguf)
+
+def _needs_config(model: Any) -> None:
+  if not hasattr(model, "config"): raise LoraError("a GGUF adapter needs a tinylora.models model (its architecture and heads)")
+
+def key(path: str, name: str) -> str:
+  """The file's tensor name of `name` ("A" or "B") of the adapter at module `path` (blk.3.attn_q.weight.lora_a)."""
+  return f"{gguf_name(f'{path}.weight')}.lora_{name.lower()}"
+
+def detect(path: pathlib.Path) -> bool: return path.suffix == ".gguf" and not path.is_dir()
+
+def read(model: Any, path: pathlib.Path) -> AdapterFile:
+  """The adapter as llama.cpp applies it: each pair's rank is its lora_b's, its scale alpha / rank (1 where
+  adapter.lora.alpha is 0: llama.cpp then uses the user's scale alone), llama's Q/K rows of B put back in HF's order.
+  The config names every adapted linear by its full path, with rank_pattern (and for alpha 0 alpha_pattern) for the
+  linears whose rank differs from the most common one."""
+  _needs_config(model)
+  kv, infos = read_gguf(path)
+  if (kind := kv.get("general.type")) != "adapter" or kv.get("adapter.type") != "lora":
+    raise LoraError(f"{path}: not a LoRA adapter (general.type {kind!r}, adapter.type {kv.get('adapter.type')!r}); a GGUF "
+                    f"model file loads with load_pretrained")
+  if (arch := kv.get("general.architecture")) != (expected := architecture(model.config)):
+    raise LoraError(f"{path}: an adapter for GGUF architecture {arch!r}, but the model is {expected!r} "
+                    f"(model_type {model.config.model_type!r})")
+  alpha = kv.get("adapter.lora.alpha", 0.0)
+  if not is_number(alpha) or alpha < 0: raise LoraError(f"{path}: adapter.lora.alpha = {alpha!r}: expected a number >= 0")
+  paths = {}  # "<gguf name>.weight" -> HF module path
+  for name in infos:
+    stem, _, half = name.rpartition(".")
+    if half not in ("lora_a", "lora_b") or not (hf := hf_name(stem) or "").endswith(".weight"):
+      raise LoraError(f"{path}: tensor {name!r} is not one half of a LoRA pair (<tensor>.weight.lora_a / .lora_b of a "
+                      f"linear); tinylora adapters hold low-rank pairs only")
+    paths[stem] = hf.removesuffix(".weight")
+  if not paths: raise LoraError(f"{path}: the adapter holds no tensors")
+  for stem, p in paths.items():
+    if missing := [f"{stem}.{h}" for h in ("lora_a", "lora_b") if f"{stem}.{h}" not in infos]:
+      raise LoraError(f"{path}: tensor {missing[0]!r} is missing: {p} has only one half of its LoRA pair")
+  tensors = {name: read_array(info).astype(np.float32) for name, info in infos.items()}
+  ranks = {p: tensors[f"{stem}.lora_b"].shape[-1] for stem, p in paths.items()}
+  shapes = adaptable_linears(model)
+  for stem, p in paths.items():  # B as the model will check it: a mis-shaped B is refused there, not reordered here
+    B = tensors[f"{stem}.lora_b"]
+    if (heads := qk_heads(model.config, f"{p}.weight")) is not None and p in shapes and B.shape[:1] == shapes[p][:1]:
+      tensors[f"{stem}.lora_b"] = unpermute_qk(B, heads)
+  r = max(sorted(set(ranks.values())), key=list(ranks.values()).count)
+  rank_pattern = {p: k for p, k in ranks.items() if k != r}
+  try:
+    config = LoraConfig(r=r, lora_alpha=alpha or r, target_modules=sorted(paths.values()), rank_pattern=rank_pattern,
+                        alpha_pattern={} if alpha else dict(rank_pattern))
+  except LoraError as e: raise LoraError(f"{path}: {e}") from None
+  return AdapterFile(config, tensors, key, str(path), str(path))
 
 def write(model: Any, layers: dict[str, Adapter], config: LoraConfig, path: pathlib.Path) -> None:
   """Writes the adapters as one llama.cpp LoRA file `path`, atomically, with adapter.lora.alpha such that llama.cpp's
   scale alpha / r equals each layer's scale (folded into B where layers differ in rank or scale)."""
   if config.use_dora: raise LoraError("llama.cpp adapters are LoRA only; save a DoRA adapter as peft or mlx")
-  if not hasattr(model, "config"): raise LoraError("a GGUF adapter needs a tinylora.models model (its architecture and heads)")
-  names = {p: gguf_name(f"{p}.weight") for p in layers}
-  arrays = finite_arrays({f"{names[p]}.lora_{n}": t for p, a in layers.items() for n, t in (("a", a.lora_A), ("b", a.lora_B))})
+  _needs_config(model)
+  arrays = finite_arrays({key(p, n): t for p, a in layers.items() for n, t in (("A", a.lora_A), ("B", a.lora_B))})
   scales, ranks = {l.scale for l in layers.values()}, {l.r for l in layers.values()}
   alpha = scales.pop() * ranks.pop() if len(scales) == 1 and len(ranks) == 1 else 1.0
   with writer(path, model.config, "adapter") as (w, gguf):
@@ -28,7 +78,7 @@ def write(model: Any, layers: dict[str, Adapter], config: LoraConfig, path: path
     for p, layer in layers.items():
       if p == "lm_head" and model.config.tie_word_embeddings:
         raise LoraError("llama.cpp ignores an adapter on a tied lm_head; save this adapter as PEFT or mlx instead")
-      A, B = arrays[f"{names[p]}.lora_a"], arrays[f"{names[p]}.lora_b"] * (layer.scale * layer.r / alpha)
+      A, B = arrays[key(p, "A")], arrays[key(p, "B")] * (layer.scale * layer.r / alpha)
       if (heads := qk_heads(model.config, f"{p}.weight")) is not None: B = permute_qk(B, heads)
-      w.add_tensor(f"{names[p]}.lora_a", np.ascontiguousarray(A, np.float32))
-      w.add_tensor(f"{names[p]}.lora_b", np.ascontiguousarray(B, np.float32))
+      w.add_tensor(key(p, "A"), np.ascontiguousarray(A, np.float32))
+      w.add_tensor(key(p, "B"), np.ascontiguousarray(B, np.float32))
