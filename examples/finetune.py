@@ -188,7 +188,7 @@ def main() -> None:
 
   t = time.perf_counter()
   tl.save_adapter(model, out / "adapter")
-  gguf_files = hasattr(tokenizer, "save")  # GGUF files need a real tokenizer (not --model tiny's byte tokenizer)
+  gguf_files = not isinstance(tokenizer, ByteTokenizer)  # GGUF and HF files carry a real tokenizer, not --model tiny's bytes
   if gguf_files: tl.save_adapter(model, out / "adapter.gguf", format="gguf")
   tl.merge_and_unload(model)
   save_pretrained(model, out / "merged-hf", tokenizer=tokenizer if gguf_files else None)

@@ -3,7 +3,7 @@ them (with the `gguf` package: tensors `<base tensor>.lora_a` (r, in) and `.lora
 permuted as convert_hf_to_gguf.py permutes weights, `adapter.lora.alpha`, scale alpha / r) load onto the model with
 the logits of the base weights merged in numpy; tinylora's own GGUF adapters round-trip; bad files are refused."""
 import numpy as np, pytest
-from tinygrad import Tensor, dtypes
+from tinygrad import Tensor
 import tinylora as tl
 from tinylora.errors import LoraError
 from tinylora.lora import adaptable_linears
@@ -34,7 +34,7 @@ def hf_adapter(model: Model, targets: dict[str, int], seed: int = 0) -> dict[str
   return {p: (rng.standard_normal((r, linears[p][1])).astype(np.float32) * 0.1,
               rng.standard_normal((linears[p][0], r)).astype(np.float32) * 0.1) for p, r in targets.items()}
 
-def write_like_llama_cpp(path, arch: str, adapter: dict, alpha: float, outtype: str = "F32", extra=()) -> None:
+def write_like_llama_cpp(path, arch: str, adapter: dict, alpha: float, outtype: str = "F32") -> None:
   """What convert_lora_to_gguf.py writes for a PEFT adapter: the adapter type keys, lora_alpha as adapter.lora.alpha,
   and per linear `<blk.N.name>.weight.lora_a` / `.lora_b` in --outtype (f32 default, f16), llama Q/K rows of B permuted."""
   w = gguf.GGUFWriter(str(path), arch)
@@ -48,7 +48,6 @@ def write_like_llama_cpp(path, arch: str, adapter: dict, alpha: float, outtype: 
     name = f"blk.{block}.{GGUF_NAMES[module]}.weight"
     w.add_tensor(f"{name}.lora_a", A.astype(dtype))
     w.add_tensor(f"{name}.lora_b", B.astype(dtype))
-  for name, a in extra: w.add_tensor(name, a)
   w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
 
 def merged_logits(model_type: str, adapter: dict, scales: dict[str, float]) -> np.ndarray:
@@ -144,3 +143,8 @@ def test_a_truncated_adapter_file_is_refused(tmp_path):
   with pytest.raises(LoraError, match="truncated"): tl.load_adapter(model, tmp_path / "cut.gguf")
   with pytest.raises(FileNotFoundError): tl.load_adapter(model, tmp_path / "missing.gguf")
   assert tl.list_adapters(model) == []
+
+def test_an_adapter_file_is_no_model(tmp_path):
+  model = base_model()
+  write_like_llama_cpp(tmp_path / "a.gguf", "llama", hf_adapter(model, TARGETS), 8.0)
+  with pytest.raises(LoraError, match="a LoRA adapter, not a model: load it with load_adapter"): tl.load_pretrained(tmp_path / "a.gguf")

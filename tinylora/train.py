@@ -3,7 +3,7 @@ clipping and a non-finite guard, and crash-safe checkpoints that resume on the s
 from __future__ import annotations
 import contextlib, math, os, pathlib, time
 from dataclasses import dataclass, asdict
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from tinygrad import Context, Device, Tensor, nn, dtypes
 from tinylora.config import is_int, is_number

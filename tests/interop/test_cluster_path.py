@@ -1,6 +1,6 @@
 """The path to a cluster and back, through the adapter files alone: tinylora trains an adapter data parallel on two
 (virtual CPU) devices, torch + PEFT continues it under accelerate (one process here; on a cluster the same script runs
-under `accelerate launch` with DDP, FSDP or DeepSpeed, see the README), and tinylora loads the result and trains on.
+under `accelerate launch` with DDP, FSDP or DeepSpeed, see docs/devices.md), and tinylora loads the result and trains on.
 At each hand-off the receiving library's loss on a held-out batch equals the sending library's, and the loss keeps
 falling from there. Only the adapter crosses: each side starts its own AdamW moments."""
 import numpy as np, pytest

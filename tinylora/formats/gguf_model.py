@@ -72,6 +72,7 @@ def read(path: pathlib.Path, dtype: DType | None = None, dequantize: bool = Fals
   tinylora.quant layers unless `dequantize`; every other tensor is dequantized to `dtype` (default float16). The file's
   tokenizer metadata goes to `model.file_metadata`, to be carried into GGUF files saved from this model."""
   kv, tensors = read_gguf(path)
+  if kv.get("general.type") == "adapter": raise LoraError(f"{path}: a LoRA adapter, not a model: load it with load_adapter")
   config = ModelConfig.from_hf(config_from_gguf(kv, tensors, str(path)))
   weights, quantization = read_weights(tensors, config, str(path), dequantize)
   model = Model(config)
