@@ -1,14 +1,15 @@
 """The formats package as a newcomer adding a format meets it: one registry of model and adapter formats whose modules
 share one interface, a save -> load round trip through every adapter format by the public functions alone, no import
 cycle anywhere in tinylora, and no format's file names or keys outside tinylora/formats."""
-import ast, inspect, pathlib, subprocess, sys
+import ast, copy, inspect, pathlib, pickle, subprocess, sys
 import numpy as np, pytest
-from tinygrad import Tensor
+from tinygrad import Tensor, nn
 import tinylora as tl
 from tinylora import LoraConfig, LoraError
 from tinylora.cli import _parser
 from tinylora.formats import ADAPTER_FORMATS, MODEL_FORMATS, adapter_path, detect_adapter_format
 from tinylora.models import Model
+from tinylora.tree import FrozenMapping
 
 PACKAGE = pathlib.Path(tl.__file__).parent
 CFG = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -116,5 +117,8 @@ def test_bolted_on_attributes_are_gone():
   model = Model.from_config(CFG)
   assert dict(model.file_metadata) == {} and not hasattr(model, "gguf_tokenizer") and not hasattr(model, "quantization")
   with pytest.raises(TypeError): model.file_metadata["tokenizer.ggml.model"] = "gpt2"  # read-only
+  model.file_metadata = FrozenMapping({"tokenizer.ggml.tokens": ["a"] * 1000})
+  assert dict(copy.deepcopy(model).file_metadata) == dict(pickle.loads(pickle.dumps(model.file_metadata))) == dict(model.file_metadata)
+  assert not [k for k in nn.state.get_state_dict(model) if "file_metadata" in k]  # the walks do not descend into it
   from tinylora.tokenizer import HFTokenizer
   assert "file_metadata" in params(HFTokenizer.__init__) and not hasattr(HFTokenizer, "gguf_metadata")

@@ -1,7 +1,7 @@
 """GGUF in and out: small files written with llama.cpp's `gguf` package from random tinylora models round-trip to equal
 logits for every supported type, packed Q4_0/Q4_1/Q8_0 layers equal gguf's own dequantization, names and the Q/K
 permutation invert, the llama.cpp adapter format, bad files; and the real SmolLM2 file's layout and tokenizer."""
-import importlib.metadata, pathlib, types
+import importlib.metadata, pathlib
 import numpy as np, pytest
 from tinygrad import Tensor, dtypes
 import tinylora as tl
@@ -12,6 +12,7 @@ from tinylora.formats.gguf_model import config_from_gguf
 from tinylora.models import Model, ModelConfig
 from tinylora.models.llama import rope_inv_freq
 from tinylora.quant import QuantizedEmbedding, QuantizedLinear
+from tinylora.tree import FrozenMapping
 
 gguf = pytest.importorskip("gguf")
 TOKENS = Tensor([[1, 5, 60, 7, 33, 2, 9, 14]])
@@ -21,10 +22,10 @@ def config(model_type="llama", tie=False, **kw) -> dict:
               num_key_value_heads=2, vocab_size=64, rms_norm_eps=1e-5, rope_theta=1e5, max_position_embeddings=64,
               tie_word_embeddings=tie, **kw)
 
-def tiny_tokenizer_metadata(vocab: int = 64) -> types.MappingProxyType:
+def tiny_tokenizer_metadata(vocab: int = 64) -> FrozenMapping:
   """What a model read from a GGUF carries as `file_metadata`: its tokenizer, to be written into GGUFs saved from it."""
   tokens = ["<s>", "</s>"] + [chr(ord("a") + i % 26) * (1 + i // 26) for i in range(vocab - 2)]
-  return types.MappingProxyType({
+  return FrozenMapping({
     "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [3, 3] + [1] * (vocab - 2),
     "tokenizer.ggml.merges": ["a a"], "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 1,
     "tokenizer.chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"})

@@ -10,9 +10,15 @@ line and exit with status 1 (2 for a bad command line)."""
 from __future__ import annotations
 import argparse, json, math, pathlib, sys
 from typing import Sequence
+from tinygrad import Tensor
+import tinylora as tl
+from tinylora.data import eval_batches, load_dataset
 from tinylora.errors import LoraError
 from tinylora.formats import (ADAPTER_FORMATS, adapter_path, checkpoint, detect_adapter_format, load_adapter, load_pretrained,
                               load_tokenizer, save_adapter, save_pretrained)
+from tinylora.generate import generate as generate_tokens
+from tinylora.quant import QuantizedLinear
+from tinylora.train import Trainer, TrainConfig, fit
 
 ALL7 = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -73,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                      "adapter at --adapter-path, folds it into the weights and saves a plain model (HF directory with "
                      "the tokenizer, or a .gguf file with --export-gguf).")
   _model_flag(f)
-  f.add_argument("--adapter-path", default="adapters", help="the adapter: a PEFT or mlx-lm directory or a llama.cpp .gguf file (default adapters)")
+  f.add_argument("--adapter-path", default="adapters", help="the adapter, in any format load_adapter reads (detected; default adapters)")
   f.add_argument("--save-path", default="fused_model", help="where the fused model goes (default fused_model)")
   f.add_argument("--de-quantize", action="store_true", help="keep a quantized base's fused weights in float16 "
                  "(default: quantize them again with the base's bits and group size)")
@@ -81,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
   g = sub.add_parser("generate", help="generate text", description="Greedy or sampled generation from --prompt, with "
                      "the model's chat template unless --ignore-chat-template.")
   _model_flag(g)
-  g.add_argument("--adapter-path", help="an adapter to apply: a PEFT or mlx-lm directory or a llama.cpp .gguf file")
+  g.add_argument("--adapter-path", help="an adapter to apply, in any format load_adapter reads (detected)")
   g.add_argument("--prompt", required=True, help="the prompt text")
   g.add_argument("--max-tokens", type=int, default=100, help="most new tokens (default 100)")
   g.add_argument("--temp", type=float, default=0.0, help="sampling temperature, 0 for greedy (default 0)")
@@ -91,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
   c = sub.add_parser("convert", help="rewrite an adapter in another format", description="Loads the adapter at "
                      "--adapter-path onto --model (checking every tensor) and writes it to --save-path in --format.")
   _model_flag(c)
-  c.add_argument("--adapter-path", required=True, help="the adapter: a PEFT or mlx-lm directory or a llama.cpp .gguf file (detected)")
+  c.add_argument("--adapter-path", required=True, help="the adapter, in any format load_adapter reads (detected)")
   c.add_argument("--save-path", required=True, help="output directory (a .gguf file for --format gguf)")
   c.add_argument("--format", required=True, choices=list(ADAPTER_FORMATS), help="the format to write")
   return p
@@ -134,10 +140,6 @@ def _train_args(args: argparse.Namespace) -> argparse.Namespace:
   return argparse.Namespace(**merged)
 
 def train(a: argparse.Namespace) -> None:
-  import tinylora as tl
-  from tinylora.data import eval_batches, load_dataset
-  from tinylora.train import Trainer, TrainConfig, fit
-  from tinygrad import Tensor
   Tensor.manual_seed(a.seed)
   data, out = pathlib.Path(a.data), pathlib.Path(a.adapter_path)
   model, tokenizer = _load_model(a.model), load_tokenizer(a.model)
@@ -174,8 +176,6 @@ def train(a: argparse.Namespace) -> None:
     print(f"test loss {loss:.3f}, test perplexity {math.exp(min(loss, 700)):.3f}")
 
 def fuse(a: argparse.Namespace) -> None:
-  import tinylora as tl
-  from tinylora.quant import QuantizedLinear
   model = load_adapter(_load_model(a.model), a.adapter_path)
   quantized = any(isinstance(l.base, QuantizedLinear) for l in tl.lora_layers(model).values())
   tl.merge_and_unload(model, requantize=quantized and not a.de_quantize)
@@ -184,13 +184,12 @@ def fuse(a: argparse.Namespace) -> None:
   print(f"saved the fused model to {a.save_path}")
 
 def generate(a: argparse.Namespace) -> None:
-  from tinylora.generate import generate as run
   model, tokenizer = _load_model(a.model), load_tokenizer(a.model)
   if a.adapter_path: load_adapter(model, a.adapter_path)
   chat = not a.ignore_chat_template and getattr(tokenizer, "chat_template", None)
   text = tokenizer.apply_chat_template([{"role": "user", "content": a.prompt}], add_generation_prompt=True) if chat else a.prompt
   stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-  ids = run(model, tokenizer.encode(text), a.max_tokens, a.temp, a.top_p, stop, a.seed)
+  ids = generate_tokens(model, tokenizer.encode(text), a.max_tokens, a.temp, a.top_p, stop, a.seed)
   print(tokenizer.decode(ids, skip_special_tokens=True))
 
 def convert(a: argparse.Namespace) -> None:

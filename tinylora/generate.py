@@ -37,7 +37,6 @@ class Decoder:
   `adapter_names` (one name per row) each row runs its own adapter (a mixed batch, see tinylora.mixed_batch)."""
   def __init__(self, model: Model, max_len: int, rows: int = 1, adapter_names: tuple[str, ...] | None = None):
     if max_len < 2: raise LoraError(f"a decoder needs room for at least 2 positions, found max_len={max_len}")
-    self.adapter_names = adapter_names
     # a weak reference: the decoder is kept in a WeakKeyDictionary keyed by the model, which it must not keep alive
     self.model, self.max_len = weakref.ref(model), max_len
     self.cache = model.make_cache(len(adapter_names) if adapter_names else rows, max_len)

@@ -3,9 +3,9 @@ with its tokenizer_config.json), with chat templates rendered with jinja2. Readi
 tinylora.formats' (load_tokenizer; formats/hf.py, formats/gguf.py)."""
 from __future__ import annotations
 import datetime, json, re
-from types import MappingProxyType
 from typing import Any, Mapping, Protocol
 from tinylora.errors import LoraError
+from tinylora.tree import FrozenMapping
 
 class Tokenizer(Protocol):
   vocab_size: int
@@ -15,6 +15,12 @@ class Tokenizer(Protocol):
   def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
   def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
   def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str: ...
+
+def tokenizers_package():
+  """The optional `tokenizers` package (HF tokenizer.json files, and the tokenizers built from GGUF metadata)."""
+  try: import tokenizers
+  except ImportError as e: raise ImportError("load_tokenizer needs the 'tokenizers' package: pip install tinylora[tokenizers]") from e
+  return tokenizers
 
 def _check_messages(messages: list[dict]) -> None:
   for i, m in enumerate(messages):
@@ -67,7 +73,7 @@ class HFTokenizer:
   is into GGUF files saved with this tokenizer."""
   def __init__(self, tokenizer, config: dict, file_metadata: Mapping[str, Any] | None = None):
     self.tokenizer, self.config = tokenizer, config
-    self.file_metadata: Mapping[str, Any] = MappingProxyType(dict(file_metadata or {}))
+    self.file_metadata: Mapping[str, Any] = FrozenMapping(file_metadata)
     self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
     self.bos_token, self.eos_token = token_text(config.get("bos_token")), token_text(config.get("eos_token"))
     self.bos_id = tokenizer.token_to_id(self.bos_token) if self.bos_token else None

@@ -1,6 +1,6 @@
 """Walking and editing a model's object tree the way nn.state.get_state_dict names it (attributes, lists, dicts)."""
 from __future__ import annotations
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 from tinygrad import Tensor, nn
 
 def named_modules(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any, Any]]:
@@ -17,6 +17,17 @@ def named_modules(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any, A
       yield child, v, o, k
       yield from walk(v, child)
   yield from walk(obj, prefix)
+
+class FrozenMapping(Mapping):
+  """A read-only mapping that the tree walks (nn.state.get_state_dict, named_modules) do not descend into, for metadata
+  an object carries beside its tensors (a GGUF's tokenizer vocabulary: tens of thousands of strings); unlike
+  types.MappingProxyType it copies and pickles with the object."""
+  __slots__ = ("_items",)
+  def __init__(self, items: Mapping[str, Any] | None = None): self._items = dict(items or {})
+  def __getitem__(self, key: str) -> Any: return self._items[key]
+  def __iter__(self) -> Iterator[str]: return iter(self._items)
+  def __len__(self) -> int: return len(self._items)
+  def __repr__(self) -> str: return f"FrozenMapping({len(self._items)} keys)"
 
 def replace_module(parent: Any, key: Any, value: Any) -> None:
   if isinstance(parent, (list, dict)): parent[key] = value

@@ -37,7 +37,7 @@ def check_plain(model: Model) -> None:
   for key in unique_state_dict(model):
     base = key.rsplit(".", 1)[0]
     if key not in reference and not (key.endswith((".scales", ".biases")) and f"{base}.weight" in reference):
-      raise LoraError(f"cannot save {key!r} in an HF model file; merge or remove LoRA adapters before save_pretrained")
+      raise LoraError(f"cannot save {key!r} in a model file; merge or remove LoRA adapters before save_pretrained")
 
 # ---------------------------------------------------------------- adapters: saving
 

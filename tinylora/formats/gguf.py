@@ -19,11 +19,10 @@ from tinygrad import Tensor
 from tinylora.engine import (GGML_QUANT_BLOCKS, ggml_data_to_tensor, read_int32, read_int64, read_str, read_uint32,
                              read_uint64, readers)
 from tinylora.errors import LoraError
-from tinylora.formats.hf import tokenizers_package
 from tinylora.io import atomic_path
 from tinylora.models.llama import ModelConfig, _rope_scaling, rope_inv_freq
 from tinylora.quant import dequantize_array, pack_array
-from tinylora.tokenizer import HFTokenizer
+from tinylora.tokenizer import HFTokenizer, tokenizers_package
 
 # packed types kept as tinylora.quant layers: ggml type -> (bits, bytes per 32-weight block)
 PACKED = {2: (4, 18), 3: (4, 20), 8: (8, 34)}
@@ -96,6 +95,10 @@ def split_paths(path: pathlib.Path, kv: dict) -> list[pathlib.Path]:
   if missing := [p for p in paths if not p.exists()]:
     raise LoraError(f"{path}: split GGUF of {count} parts: part {missing[0].name} is missing")
   return paths
+
+def detect(path: pathlib.Path) -> bool:
+  """Whether `path` names a GGUF file (by its suffix: what is inside, model or adapter, each reader checks)."""
+  return path.suffix == ".gguf" and not path.is_dir()
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, TensorInfo]]:
   """Metadata and tensor directory of a GGUF file, or of a whole split set given its first part."""

@@ -8,7 +8,9 @@ import numpy as np
 from tinylora.config import LoraConfig, is_number
 from tinylora.errors import LoraError
 from tinylora.formats.common import AdapterFile, finite_arrays
-from tinylora.formats.gguf import architecture, gguf_name, hf_name, permute_qk, qk_heads, read_array, read_gguf, unpermute_qk, writer
+from tinylora.formats.gguf import detect  # noqa: F401  this format's detect: a .gguf file
+from tinylora.formats.gguf import (architecture, gguf_name, hf_name, permute_qk, qk_heads, read_array, read_gguf, unpermute_qk,
+                                   writer)
 from tinylora.lora import Adapter, adaptable_linears
 
 SIGNATURE = "llama.cpp LoRA (a '.gguf' file)"  # how detect tells it, for the error when no format does
@@ -21,7 +23,6 @@ def key(path: str, name: str) -> str:
   """The file's tensor name of `name` ("A" or "B") of the adapter at module `path` (blk.3.attn_q.weight.lora_a)."""
   return f"{gguf_name(f'{path}.weight')}.lora_{name.lower()}"
 
-def detect(path: pathlib.Path) -> bool: return path.suffix == ".gguf" and not path.is_dir()
 
 def read(model: Any, path: pathlib.Path) -> AdapterFile:
   """The adapter as llama.cpp applies it: each pair's rank is its lora_b's, its scale alpha / rank (1 where

@@ -3,24 +3,24 @@ Model with Q4_0 / Q4_1 / Q8_0 weights kept packed as tinylora.quant layers, and 
 in f32 / f16 / q8_0 / q4_0 / q4_1) with its tokenizer and chat template."""
 from __future__ import annotations
 import pathlib
-from types import MappingProxyType
 import numpy as np
 from tinygrad import dtypes
 from tinygrad.dtype import DType
 from tinylora.errors import LoraError
 from tinylora.formats.common import assign_weights
-from tinylora.formats.gguf import (PACKED, TensorInfo, add_value, gguf_name, hf_name, llama3_scaling, permute_qk, qk_heads,
-                                   read_array, read_gguf, read_packed, read_tokenizer as tokenizer_from_metadata, rope_freqs,
-                                   tokenizer_keys, tokenizer_metadata, unpermute_qk, writer)
+from tinylora.formats.gguf import detect  # noqa: F401  this format's detect: a .gguf file
+from tinylora.formats.gguf import (PACKED, TensorInfo, add_value, gguf_name, gguf_package, hf_name, llama3_scaling,
+                                   permute_qk, qk_heads, read_array, read_gguf, read_packed,
+                                   read_tokenizer as tokenizer_from_metadata, rope_freqs, tokenizer_keys, tokenizer_metadata,
+                                   unpermute_qk, writer)
 from tinylora.models.llama import Model, ModelConfig
 from tinylora.quant import QuantizedEmbedding, QuantizedLinear, prepare_quantized
 from tinylora.tokenizer import HFTokenizer
-from tinylora.tree import named_modules, unique_state_dict
+from tinylora.tree import FrozenMapping, named_modules, unique_state_dict
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 QUANTIZATIONS = {"f32": ("F32", 0), "f16": ("F16", 1), "q8_0": ("Q8_0", 7), "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3)}
 
-def detect(path: pathlib.Path) -> bool: return path.suffix == ".gguf" and not path.is_dir()
 
 # ---------------------------------------------------------------- reading
 
@@ -78,7 +78,7 @@ def read(path: pathlib.Path, dtype: DType | None = None, dequantize: bool = Fals
   model = Model(config)
   if quantization: prepare_quantized(model, quantization, set(weights))
   assign_weights(model, weights, dtype or dtypes.float16)
-  model.file_metadata = MappingProxyType(tokenizer_keys(kv))
+  model.file_metadata = FrozenMapping(tokenizer_keys(kv))
   return model
 
 def read_tokenizer(path: pathlib.Path) -> HFTokenizer:
@@ -91,6 +91,7 @@ def write(model: Model, path: pathlib.Path, dtype: DType | None, quantization: s
   """Writes a merged model as one GGUF file, atomically: 2-D weights in `quantization` (rows that do not divide into
   32-weight blocks stay float16), norms and biases float32, as llama.cpp's converter writes them, with the tokenizer
   and chat template of `tokenizer`, or of the GGUF the model was loaded from. `dtype` is HF's and unused here."""
+  gguf_package()  # a missing optional package is reported before any weight is dequantized
   metadata = tokenizer_metadata(tokenizer) if tokenizer is not None else dict(model.file_metadata)
   if not metadata: raise LoraError("a GGUF file carries its tokenizer: pass tokenizer=load_tokenizer(model_dir)")
   if quantization not in QUANTIZATIONS:

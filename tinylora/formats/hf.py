@@ -16,7 +16,7 @@ from tinylora.formats.common import assign_weights
 from tinylora.io import atomic_path, read_json, read_safetensors, write_json, write_safetensors
 from tinylora.models.llama import Model, ModelConfig
 from tinylora.quant import prepare_quantized, quantization_config
-from tinylora.tokenizer import HFTokenizer, token_text
+from tinylora.tokenizer import HFTokenizer, token_text, tokenizers_package
 from tinylora.tree import unique_state_dict
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -72,11 +72,6 @@ def write(model: Model, path: pathlib.Path, dtype: DType | None, quantization: s
   if tokenizer is not None: write_tokenizer(tokenizer, path)
 
 # ---------------------------------------------------------------- tokenizer files
-
-def tokenizers_package():
-  try: import tokenizers
-  except ImportError as e: raise ImportError("load_tokenizer needs the 'tokenizers' package: pip install tinylora[tokenizers]") from e
-  return tokenizers
 
 def read_tokenizer(path: pathlib.Path) -> HFTokenizer:
   """`tokenizer.json` (and `tokenizer_config.json` beside it, when present) of a model directory, or the file itself."""

@@ -8,7 +8,7 @@ Sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) is not im
 attention while a sequence fits the window, so longer sequences raise LoraError instead of silently differing.
 """
 from __future__ import annotations
-import functools, math, types
+import functools, math
 from dataclasses import dataclass, field
 import numpy as np
 from tinygrad import Tensor, UOp, dtypes, function, nn
@@ -16,7 +16,7 @@ from tinygrad.dtype import DType
 from tinylora.engine import is_training, outside_capture
 from tinylora.errors import LoraError
 from tinylora.precision import check_dtype
-from tinylora.tree import named_modules, unique_state_dict
+from tinylora.tree import FrozenMapping, named_modules, unique_state_dict
 from tinylora.device_policy import base_forward
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -238,7 +238,7 @@ class Model:
   [start_pos, start_pos+T), stores their keys and values and attends to everything cached before them."""
   def __init__(self, config: ModelConfig):
     self.config = config
-    self.file_metadata = types.MappingProxyType({})  # the source GGUF's tokenizer metadata, read-only
+    self.file_metadata = FrozenMapping()  # metadata of the file it was read from, carried into files saved from it
     # run each full-sequence decoder layer as one tinygrad function, whose kernels are scheduled and compiled once for
     # all layers (a faster first step on deep models; its backward recomputes what the layer does not return, such as
     # LoRA's rank-r products: slightly more FLOPs, see bench/RESULTS.md, "Figures behind code comments"); grad_checkpoint
