@@ -7,7 +7,7 @@ from run import MODEL, TARGETS, counted, interleaved, kernel_profile, make_batch
 from tinygrad import Tensor, TinyJit, nn
 from tinylora import LoraConfig, LoraLinear, inject
 from tinylora.device_policy import base_forward, cpu_matmul_shapes
-from tinylora.models.llama import Model
+from tinylora.models.decoder import Model
 from tinylora.train import Trainer, TrainConfig, lm_loss
 
 def linear_rows(d: int, r: int, T: int, reps: int) -> list[dict]:

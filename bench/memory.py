@@ -51,7 +51,7 @@ def measure_one(name: str, base: str, ckpt: bool, batch: int, seq: int, steps: i
   from tinygrad import Device, GlobalCounters
   from tinylora.errors import LoraError
   from tinylora.engine import peak_memory
-  from tinylora.models.llama import _callable_as_function
+  from tinylora.models.decoder import _callable_as_function
   from tinylora.train import Trainer, TrainConfig
   try: model = build(name, base, seq)
   except LoraError as e: return dict(refused=str(e))

@@ -17,7 +17,7 @@ import argparse, json, os, platform, statistics, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tinygrad import Tensor, nn
 from tinylora import LoraConfig, inject, trainable_parameters
-from tinylora.models.llama import Model, ModelConfig
+from tinylora.models.decoder import Model, ModelConfig
 from tinylora.train import Trainer, TrainConfig
 from run import MODEL, TARGETS, build_model, make_batch, machine, table
 

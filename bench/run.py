@@ -28,7 +28,7 @@ from tinygrad import Tensor, TinyJit, GlobalCounters, Device, Context, nn
 from tinylora import LoraConfig, LoraLinear, inject
 from tinylora.device_policy import base_forward, cpu_matmul_shapes
 from tinylora.engine import peak_memory, set_default_device
-from tinylora.models.llama import Model
+from tinylora.models.decoder import Model
 from tinylora.train import Trainer, TrainConfig
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

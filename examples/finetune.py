@@ -149,7 +149,7 @@ def main() -> None:
     train_rows, heldout = color_dataset(args.seed) if args.model == "tiny" else island_dataset(args.seed)
     train = [encode_example(r, tokenizer, mask) for r in train_rows]
     valid = [encode_example(r, tokenizer, mask) for r in heldout]
-  model.layers_as_functions = True  # 30 layers: compile one layer's kernels instead of thirty (tinylora/models/llama.py)
+  model.layers_as_functions = True  # 30 layers: compile one layer's kernels instead of thirty (tinylora/models/decoder.py)
   if too_long := [len(t) for t, _ in train + valid if len(t) > args.seq_len + 1]:
     print(f"note: {len(too_long)} examples are longer than --seq-len {args.seq_len} and are truncated")
 

@@ -10,7 +10,7 @@ from tinylora import load_pretrained, load_tokenizer, save_pretrained
 from tinylora.formats.gguf import gguf_name, hf_name, llama3_scaling, permute_qk, read_array, read_gguf, rope_freqs, unpermute_qk
 from tinylora.formats.gguf_model import config_from_gguf
 from tinylora.models import Model, ModelConfig
-from tinylora.models.llama import rope_inv_freq
+from tinylora.models.architectures import Rope
 from tinylora.quant import QuantizedEmbedding, QuantizedLinear
 from tinylora.tree import FrozenMapping
 
@@ -146,10 +146,11 @@ def test_llama3_rope_freqs_give_the_same_frequencies(head_dim, theta, params):
   factors = llama_cpp_rope_factors(head_dim, theta, *params)
   scaling = llama3_scaling(factors, head_dim, theta, "x.gguf")
   assert scaling["rope_type"] == "llama3" and scaling["factor"] == params[0]
-  got = tuple((k, v) for k, v in scaling.items() if k != "rope_type")
-  want = tuple(zip(("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), params))
-  np.testing.assert_allclose(rope_inv_freq(head_dim, theta, got), rope_inv_freq(head_dim, theta, want), rtol=1e-6)
-  np.testing.assert_allclose(rope_freqs(head_dim, theta, want), factors, rtol=1e-6)  # what tinylora writes
+  got = Rope(theta, head_dim, (("rope_type", "llama3"), *sorted((k, float(v)) for k, v in scaling.items() if k != "rope_type")))
+  want = Rope(theta, head_dim, (("rope_type", "llama3"), *sorted(zip(("factor", "low_freq_factor", "high_freq_factor",
+                                                                     "original_max_position_embeddings"), params))))
+  np.testing.assert_allclose(got.inv_freq(0), want.inv_freq(0), rtol=1e-6)
+  np.testing.assert_allclose(rope_freqs(want), factors, rtol=1e-6)  # what tinylora writes
   bad = factors.copy(); bad[:2] = [3.0, 1.0]  # not monotone: no llama3 parameters give it
   with pytest.raises(LoraError, match="do not follow llama3's RoPE scaling"): llama3_scaling(bad, head_dim, theta, "x.gguf")
 
@@ -163,7 +164,7 @@ def test_llama3_rope_scaling_round_trips_as_rope_freqs(tmp_path):
   _, tensors = read_gguf(tmp_path / "m.gguf")
   np.testing.assert_allclose(read_array(tensors["rope_freqs.weight"]), llama_cpp_rope_factors(16, 1e5, 4.0, 1.0, 8.0, 2048), rtol=1e-6)
   back = load_pretrained(tmp_path / "m.gguf", dtype=dtypes.float32)
-  assert dict(back.config.rope_scaling)["factor"] == 4.0
+  assert dict(back.config.rope.scaling)["factor"] == 4.0
   np.testing.assert_allclose(back(TOKENS).numpy(), m(TOKENS).numpy(), atol=1e-5, rtol=1e-5)
 
 def test_bad_files(tmp_path):

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from tinygrad import Device, Tensor, nn, dtypes
 import tinylora as tl
 from tinylora import LoraConfig, LoraError
-from tinylora.models.llama import Model
+from tinylora.models.decoder import Model
 from tinylora.quant import quantize
 from tinylora.train import Trainer, TrainConfig, to_devices
 from tinygrad.uop.ops import Ops

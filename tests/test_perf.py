@@ -4,7 +4,7 @@ import numpy as np, pytest
 from tinygrad import Tensor, GlobalCounters, nn
 from tinygrad.uop.ops import Ops
 from tinylora import LoraConfig, LoraLinear, inject
-from tinylora.models.llama import Model
+from tinylora.models.decoder import Model
 from tinylora.train import Trainer, TrainConfig
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -45,7 +45,7 @@ def model_flops() -> tuple[int, int]:
 
 def test_train_step_flops_near_twice_forward(model_flops):
   # a frozen-base LoRA step needs the forward plus about one more for the input gradients; recomputed elementwise work
-  # inside matmuls (see the notes in tinylora/models/llama.py) shows up here first
+  # inside matmuls (see the notes in tinylora/models/decoder.py) shows up here first
   forward, step = model_flops
   assert step / forward <= 2.2, f"train step {step / 1e6:.1f} MFLOP = {step / forward:.3f} x forward {forward / 1e6:.1f} MFLOP"
 

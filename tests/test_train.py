@@ -129,7 +129,7 @@ def test_the_first_step_is_the_captured_step():
   nothing made once (a lazy weight, the RoPE table) is baked into the capture to be redone in every replay."""
   from tinygrad.uop.ops import Ops
   from tinylora.engine import peak_memory
-  from tinylora.models.llama import Model
+  from tinylora.models.decoder import Model
   Tensor.manual_seed(0)
   cfg = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=48, max_position_embeddings=16)
@@ -237,7 +237,7 @@ def test_dataset_file_errors(tmp_path, content, message):
 def test_grad_checkpoint_holds_for_the_trainers_steps_only():
   """TrainConfig(grad_checkpoint=True) sets the model's flag while the Trainer's own steps capture (train and evaluate)
   and restores it after: a model handed back after training computes as it did before."""
-  from tinylora.models.llama import Model
+  from tinylora.models.decoder import Model
   Tensor.manual_seed(0)
   cfg = dict(model_type="llama", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
              num_key_value_heads=1, vocab_size=48, max_position_embeddings=16)

@@ -17,7 +17,7 @@ from tinylora.device_policy import captured_step
 from tinylora.engine import realize
 from tinylora.errors import LoraError
 from tinylora.lora import mixed_batch
-from tinylora.models.llama import KVCache, Model
+from tinylora.models.decoder import KVCache, Model
 from tinylora.tree import named_modules
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:

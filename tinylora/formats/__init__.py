@@ -16,7 +16,7 @@ from tinylora.errors import LoraError
 from tinylora.formats import gguf_adapter, gguf_model, hf, mlx, peft
 from tinylora.formats.common import check_plain, inject_checked, saved_adapter, unknown_directory
 from tinylora.lora import DEFAULT, list_adapters
-from tinylora.models.llama import Model
+from tinylora.models.decoder import Model
 from tinylora.precision import check_dtype
 from tinylora.tokenizer import HFTokenizer
 

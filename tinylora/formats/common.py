@@ -12,7 +12,7 @@ from tinylora.config import LoraConfig
 from tinylora.errors import LoraError
 from tinylora.io import check_arrays, read_json, read_safetensors, write_json, write_safetensors
 from tinylora.lora import Adapter, adaptable_linears, inject, list_adapters, lora_layers
-from tinylora.models.llama import Model
+from tinylora.models.decoder import Model
 from tinylora.tree import unique_state_dict
 
 # ---------------------------------------------------------------- models

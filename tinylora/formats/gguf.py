@@ -20,7 +20,7 @@ from tinylora.engine import (GGML_QUANT_BLOCKS, ggml_data_to_tensor, read_int32,
                              read_uint64, readers)
 from tinylora.errors import LoraError
 from tinylora.io import atomic_path
-from tinylora.models.llama import ModelConfig, _rope_scaling, rope_inv_freq
+from tinylora.models.architectures import ModelConfig, Rope
 from tinylora.quant import dequantize_array, pack_array
 from tinylora.tokenizer import HFTokenizer, tokenizers_package
 
@@ -169,16 +169,16 @@ def gguf_name(key: str) -> str:
   if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module): return f"blk.{m.group(1)}.{_GGUF_NAMES[m.group(2)]}.{kind}"
   return f"{_GGUF_NAMES[module]}.{kind}"
 
-def rope_freqs(head_dim: int, theta: float, scaling: tuple) -> np.ndarray:
+def rope_freqs(rope: Rope) -> np.ndarray:
   """llama.cpp's `rope_freqs` tensor for llama3 RoPE scaling: the factor each inverse frequency is divided by."""
-  return (rope_inv_freq(head_dim, theta) / rope_inv_freq(head_dim, theta, scaling)).astype(np.float32)
+  return (Rope(rope.theta, rope.dim).inv_freq(0) / rope.inv_freq(0)).astype(np.float32)
 
 def llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, where: str) -> dict:
   """HF's llama3 `rope_scaling` that gives llama.cpp's `rope_freqs` factors. Long wavelengths are divided by `factor`,
   short ones kept, and in between 1/f = (1 - smooth) / factor + smooth with smooth = (L / wavelen - low) / (high - low)
   linear in 1/wavelen: with two or more such entries the line gives low and high for L = 8192 (any L with the same
   line gives the same frequencies); else Llama 3.x's own low 1, high 4, L 8192. Checked by recomputing the factors."""
-  factor, wavelen = float(factors.max()), 2 * np.pi / rope_inv_freq(head_dim, theta).astype(np.float64)
+  factor, wavelen = float(factors.max()), 2 * np.pi / Rope(theta, head_dim).inv_freq(0).astype(np.float64)
   candidates, L = [(1.0, 4.0)], 8192.0
   if (medium := (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))).sum() >= 2:
     smooth = (1 / factors[medium].astype(np.float64) - 1 / factor) / (1 - 1 / factor)
@@ -187,7 +187,8 @@ def llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, where: str)
   for low, high in candidates:
     scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low), "high_freq_factor": float(high),
                "original_max_position_embeddings": int(L)}
-    if np.allclose(rope_freqs(head_dim, theta, _rope_scaling({"rope_scaling": scaling})), factors, rtol=1e-5):
+    rope = Rope(theta, head_dim, (("rope_type", "llama3"), *sorted((k, float(v)) for k, v in scaling.items() if k != "rope_type")))
+    if np.allclose(rope_freqs(rope), factors, rtol=1e-5):
       return scaling
   raise LoraError(f"{where}: rope_freqs factors ({factors.min():.4g}..{factor:.4g}) do not follow llama3's RoPE scaling, "
                   "the only pattern supported")

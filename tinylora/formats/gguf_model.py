@@ -13,7 +13,7 @@ from tinylora.formats.gguf import (PACKED, TensorInfo, add_value, gguf_name, ggu
                                    permute_qk, qk_heads, read_array, read_gguf, read_packed,
                                    read_tokenizer as tokenizer_from_metadata, rope_freqs, tokenizer_keys, tokenizer_metadata,
                                    unpermute_qk, writer)
-from tinylora.models.llama import Model, ModelConfig
+from tinylora.models.decoder import Model, ModelConfig
 from tinylora.quant import QuantizedEmbedding, QuantizedLinear, prepare_quantized
 from tinylora.tokenizer import HFTokenizer
 from tinylora.tree import FrozenMapping, named_modules, unique_state_dict
@@ -115,7 +115,7 @@ def write(model: Model, path: pathlib.Path, dtype: DType | None, quantization: s
     w.add_rope_freq_base(c.rope_theta); w.add_layer_norm_rms_eps(c.rms_norm_eps); w.add_vocab_size(c.vocab_size)
     w.add_file_type(file_type); w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in metadata.items(): add_value(w, key, value)
-    if c.rope_scaling: w.add_tensor("rope_freqs.weight", rope_freqs(c.head_dim, c.rope_theta, c.rope_scaling))
+    if c.rope.kind == "llama3": w.add_tensor("rope_freqs.weight", rope_freqs(c.rope))
     for key, a in weights.items():
       if (heads := qk_heads(c, key)) is not None: a = permute_qk(a, heads)
       kind = getattr(gguf.GGMLQuantizationType, type_name)

@@ -14,7 +14,7 @@ from tinygrad.dtype import DType
 from tinylora.errors import LoraError
 from tinylora.formats.common import assign_weights
 from tinylora.io import atomic_path, read_json, read_safetensors, write_json, write_safetensors
-from tinylora.models.llama import Model, ModelConfig
+from tinylora.models.decoder import Model, ModelConfig
 from tinylora.quant import prepare_quantized, quantization_config
 from tinylora.tokenizer import HFTokenizer, token_text, tokenizers_package
 from tinylora.tree import unique_state_dict

@@ -1,5 +1,8 @@
-"""Decoder models (Llama, Mistral, Qwen2) with Hugging Face names. Reading and writing their files is tinylora.formats'
-(load_pretrained, save_pretrained)."""
-from tinylora.models.llama import SUPPORTED, KVCache, Model, ModelConfig
+"""One decoder (decoder.py) for the families described as data in architectures.py. Reading and writing their files is
+tinylora.formats' (load_pretrained, save_pretrained)."""
+from tinylora.models.architectures import ARCHITECTURES, Architecture, ModelConfig
+from tinylora.models.decoder import KVCache, Model
 
-__all__ = ["SUPPORTED", "KVCache", "Model", "ModelConfig"]
+SUPPORTED = tuple(ARCHITECTURES)
+
+__all__ = ["ARCHITECTURES", "SUPPORTED", "Architecture", "KVCache", "Model", "ModelConfig"]

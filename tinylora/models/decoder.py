@@ -1,125 +1,61 @@
-"""Llama, Mistral and Qwen2 decoders in one file, with Hugging Face module names so state-dict keys equal checkpoint keys.
+"""One decoder for every family in tinylora/models/architectures.py (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3,
+SmolLM3, OLMo2, Granite), with Hugging Face module names so state-dict keys equal checkpoint keys. What differs between
+families is data in the ModelConfig: norm placement and form, q/k norms, activation, scales and soft-caps, fused
+projections, per-layer attention kind (full or sliding window) and RoPE.
 
 Every projection is a plain `nn.Linear` attribute called through `base_forward(self.q_proj, x)`, which gives frozen
 linears a faster backward (see tinylora/device_policy.py) and calls any other module as it is: LoRA injection and quantization
-replace these attributes with other callables, so the forward reads no other projection attribute.
-
-Sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) is not implemented: it equals full causal
-attention while a sequence fits the window, so longer sequences raise LoraError instead of silently differing.
+replace these attributes with other callables, so the forward reads no other projection attribute. The model knows
+nothing of LoRA.
 """
 from __future__ import annotations
-import functools, math
-from dataclasses import dataclass, field
+import functools
 import numpy as np
 from tinygrad import Tensor, UOp, dtypes, function, nn
 from tinygrad.dtype import DType
 from tinylora.engine import is_training, outside_capture
 from tinylora.errors import LoraError
+from tinylora.models.architectures import ARCHITECTURES, SLIDING, ModelConfig, Rope
 from tinylora.precision import check_dtype
 from tinylora.tree import FrozenMapping, named_modules, unique_state_dict
 from tinylora.device_policy import base_forward
 
-SUPPORTED = ("llama", "mistral", "qwen2")
-_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-
-@dataclass(frozen=True)
-class ModelConfig:
-  model_type: str
-  hidden_size: int
-  intermediate_size: int
-  num_hidden_layers: int
-  num_attention_heads: int
-  num_key_value_heads: int
-  head_dim: int
-  vocab_size: int
-  rms_norm_eps: float
-  rope_theta: float
-  max_position_embeddings: int
-  tie_word_embeddings: bool
-  attention_bias: bool  # q/k/v (and for llama o_proj) carry a bias
-  mlp_bias: bool = False
-  rope_scaling: tuple[tuple[str, float], ...] = ()  # llama3 scaling parameters, empty for plain RoPE
-  sliding_window: int | None = None
-  hf: dict = field(default_factory=dict, compare=False, repr=False)  # the config.json dict, written back on save
-
-  @classmethod
-  def from_hf(cls, cfg: dict) -> ModelConfig:
-    """Builds the config from a Hugging Face `config.json` dict; raises LoraError for anything this model cannot run."""
-    model_type = cfg.get("model_type") or next((_ARCHITECTURES.get(a, a) for a in cfg.get("architectures", [])), None)
-    if model_type not in SUPPORTED:
-      raise LoraError(f"unsupported model_type {model_type!r} (architectures {cfg.get('architectures')}); "
-                      f"supported: {', '.join(SUPPORTED)}")
-    try:
-      heads = cfg["num_attention_heads"]
-      if heads % (cfg.get("num_key_value_heads") or heads):
-        raise LoraError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {cfg['num_key_value_heads']}")
-      rope = cfg.get("rope_parameters") or {}
-      # sliding_window is honoured by refusing longer sequences (see Model.__call__); qwen2 uses it only when asked to
-      sliding = model_type == "mistral" or cfg.get("use_sliding_window") or "sliding_attention" in cfg.get("layer_types", [])
-      llama = model_type == "llama"
-      return cls(model_type=model_type, hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-                 num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=heads,
-                 num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-                 head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, vocab_size=cfg["vocab_size"],
-                 rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-                 max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-                 tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                 attention_bias=model_type == "qwen2" or (llama and cfg.get("attention_bias", False)),
-                 mlp_bias=llama and cfg.get("mlp_bias", False), rope_scaling=_rope_scaling(cfg),
-                 sliding_window=cfg.get("sliding_window") if sliding else None, hf=dict(cfg))
-    except KeyError as e: raise LoraError(f"config.json for {model_type} lacks required field {e.args[0]!r}") from e
-
-  def to_hf(self) -> dict:
-    """The `config.json` dict: the one this config was read from, with the fields the model uses written back."""
-    out = dict(self.hf, model_type=self.model_type, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-               num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-               num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, vocab_size=self.vocab_size,
-               rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
-               tie_word_embeddings=self.tie_word_embeddings)
-    if "rope_parameters" in out: out["rope_parameters"] = dict(out["rope_parameters"], rope_theta=self.rope_theta)
-    else: out["rope_theta"] = self.rope_theta
-    if self.model_type == "llama": out.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
-    out.setdefault("architectures", [next(a for a, t in _ARCHITECTURES.items() if t == self.model_type)])
-    return out
-
-def _rope_scaling(cfg: dict) -> tuple[tuple[str, float], ...]:
-  scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-  rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-  if rope_type in (None, "default"): return ()
-  if rope_type != "llama3": raise LoraError(f"unsupported rope type {rope_type!r}; supported: default, llama3")
-  keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-  if missing := [k for k in keys if k not in scaling]: raise LoraError(f"llama3 rope scaling lacks {missing}")
-  return tuple((k, float(scaling[k])) for k in keys)
-
-def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> np.ndarray:
-  """RoPE's (head_dim/2,) inverse frequencies, with llama3 scaling when `scaling` holds its parameters, in float32 as
-  transformers computes them."""
-  inv_freq = (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)).astype(np.float32)
-  if not scaling: return inv_freq
-  s = dict(scaling)
-  low_wavelen, high_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"], \
-                              s["original_max_position_embeddings"] / s["high_freq_factor"]
-  wavelen = 2 * math.pi / inv_freq
-  scaled = np.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
-  smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
-  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-  return np.where(medium, (1 - smooth) * scaled / s["factor"] + smooth * scaled, scaled).astype(np.float32)
-
-ROPE_TABLES = 8  # the (cos, sin) tables kept between calls: a few per model (training length, decode cache sizes)
+ROPE_TABLES = 8  # the (cos, sin) tables kept between calls: a few per model (training length, decode cache sizes, layer kinds)
 
 @functools.lru_cache(maxsize=ROPE_TABLES)
-def _rope_table(head_dim: int, theta: float, scaling: tuple, length: int, device: str | tuple[str, ...]) -> tuple[Tensor, Tensor]:
-  """cos and sin of shape (length, head_dim) in HF's rotate_half layout, computed in float32 as transformers does, on
+def _rope_table(rope: Rope, length: int, device: str | tuple[str, ...]) -> tuple[Tensor, Tensor]:
+  """cos and sin of shape (length, rope.dim) in HF's rotate_half layout, computed in float32 as transformers does, on
   the model's device (a tuple of devices: a copy on each). The least recently used table is dropped beyond ROPE_TABLES,
   so a long-lived process that sees many lengths or devices does not keep them all (a captured step keeps its own)."""
-  freqs = np.outer(np.arange(length, dtype=np.float32), rope_inv_freq(head_dim, theta, scaling))
+  freqs = np.outer(np.arange(length, dtype=np.float32), rope.inv_freq(length))
   emb = np.concatenate([freqs, freqs], axis=-1)
+  cos, sin = np.cos(emb) * np.float32(rope.attention_factor), np.sin(emb) * np.float32(rope.attention_factor)
   with outside_capture():  # made now even inside a TinyJit capture, which would otherwise redo it in every replay
-    return Tensor(np.cos(emb), device=device).realize(), Tensor(np.sin(emb), device=device).realize()
+    return Tensor(cos.astype(np.float32), device=device).realize(), Tensor(sin.astype(np.float32), device=device).realize()
 
 def _rotate_half(x: Tensor) -> Tensor:
   x1, x2 = x.chunk(2, dim=-1)
   return (-x2).cat(x1, dim=-1)
+
+def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+  """RoPE on the first cos.shape[-1] dimensions of each head, the rest passed through (partial_rotary_factor)."""
+  if (dim := cos.shape[-1]) == x.shape[-1]: return x * cos + _rotate_half(x) * sin
+  rot, rest = x[..., :dim], x[..., dim:]
+  return (rot * cos + _rotate_half(rot) * sin).cat(rest, dim=-1)
+
+class RMSNorm(nn.RMSNorm):
+  """nn.RMSNorm, or Gemma's form that scales by 1 + weight (computed in float32, its weight initialised to zero)."""
+  def __init__(self, dim: int, eps: float, plus_one: bool = False):
+    super().__init__(dim, eps)
+    self.plus_one = plus_one
+    if plus_one: self.weight = Tensor.zeros(dim)
+
+  def __call__(self, x: Tensor) -> Tensor:
+    if not self.plus_one: return super().__call__(x)
+    return (self._norm(x.float()) * (1 + self.weight.float())).cast(x.dtype)
+
+def _activation(name: str):
+  return Tensor.silu if name in ("silu", "swish") else Tensor.gelu  # tinygrad's gelu is GELU's tanh approximation
 
 class KVCache:
   """Fixed-size key/value buffers of shape (batch, kv_heads, max_len, head_dim) per layer. Their size never changes, so
@@ -147,29 +83,44 @@ class Attention:
   def __init__(self, config: ModelConfig, layer: int):
     self.config, self.layer = config, layer
     c, bias = config, config.attention_bias
-    self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=bias)
-    self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=bias)
-    self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=bias)
-    self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.model_type == "llama" and bias)
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    if c.arch.fused: self.qkv_proj = nn.Linear(c.hidden_size, q + 2 * kv, bias=bias)
+    else:
+      self.q_proj = nn.Linear(c.hidden_size, q, bias=bias)
+      self.k_proj = nn.Linear(c.hidden_size, kv, bias=bias)
+      self.v_proj = nn.Linear(c.hidden_size, kv, bias=bias)
+    self.o_proj = nn.Linear(q, c.hidden_size, bias=c.output_bias)
+    if c.arch.qk_norm:  # per head (size head_dim) or over the whole projection (OLMo2)
+      per_head = c.arch.qk_norm == "head"
+      self.q_norm = RMSNorm(c.head_dim if per_head else q, c.rms_norm_eps, c.arch.norm_plus_one)
+      self.k_norm = RMSNorm(c.head_dim if per_head else kv, c.rms_norm_eps, c.arch.norm_plus_one)
+    self.window = c.sliding_window if c.layer_types[layer] == SLIDING else None
 
-  def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | UOp, cache: KVCache | None,
+  def __call__(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, start_pos: int | UOp, cache: KVCache | None,
                saved: list[Tensor] | None = None) -> Tensor:
     c, (B, T, _) = self.config, x.shape
     heads, kv_heads, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    q = base_forward(self.q_proj, x).reshape(B, T, heads, hd).transpose(1, 2)
-    k = base_forward(self.k_proj, x).reshape(B, T, kv_heads, hd).transpose(1, 2)
-    v = base_forward(self.v_proj, x).reshape(B, T, kv_heads, hd).transpose(1, 2)
-    q = (q * cos + _rotate_half(q) * sin).contiguous()
-    k = (k * cos + _rotate_half(k) * sin).contiguous()
+    if c.arch.fused: q, k, v = base_forward(self.qkv_proj, x).split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
+    else: q, k, v = (base_forward(p, x) for p in (self.q_proj, self.k_proj, self.v_proj))
+    if c.arch.qk_norm == "projection": q, k = self.q_norm(q), self.k_norm(k)
+    q, k, v = q.reshape(B, T, heads, hd), k.reshape(B, T, kv_heads, hd), v.reshape(B, T, kv_heads, hd)
+    if c.arch.qk_norm == "head": q, k = self.q_norm(q), self.k_norm(k)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if cos is not None: q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+    q, k = q.contiguous(), k.contiguous()
     if cache is not None: k, v = cache.update(self.layer, k, v, start_pos)
     # GQA without copying k and v: query heads are grouped (kv_head, repeat) as in HF's repeat_kv
     q = q.reshape(B, kv_heads, heads // kv_heads, T, hd)
     k, v = k.unsqueeze(2), v.unsqueeze(2)
     # materialised before the mask: a (T, T) mask broadcast into the matmul's epilogue makes tinygrad upcast the wrong
     # axes, several times slower (see bench/RESULTS.md, "Figures behind code comments")
-    scores = ((q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(hd))).contiguous()
-    if T > 1:  # causal, aligned to the end: query i sits at position start_pos + i
-      scores = scores + Tensor.full((T, start_pos + T), float("-inf"), device=x.device).triu(start_pos + 1)
+    scores = (q @ k.transpose(-1, -2)).float() * c.attention_scale
+    if (cap := c.attn_logit_softcapping) is not None: scores = (scores / cap).tanh() * cap
+    scores = scores.contiguous()
+    # query i sits at position start_pos + i: causal, and within the window on sliding layers (key j > start_pos + i - window)
+    if T > 1: scores = scores + Tensor.full((T, start_pos + T), float("-inf"), device=x.device).triu(start_pos + 1)
+    if self.window is not None and (start_pos.vmax if isinstance(start_pos, UOp) else start_pos) + T > self.window:
+      scores = scores + Tensor.full((T, start_pos + T), float("-inf"), device=x.device).tril(start_pos - self.window)
     probs = scores.softmax(-1).cast(x.dtype).contiguous()
     if saved is not None: saved += [q, k, v, scores, probs]
     out = (probs @ v).reshape(B, heads, T, hd).transpose(1, 2).reshape(B, T, heads * hd)
@@ -177,37 +128,56 @@ class Attention:
 
 class MLP:
   def __init__(self, config: ModelConfig):
-    self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-    self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-    self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+    c, bias = config, config.mlp_bias
+    self.act = _activation(c.hidden_act)
+    if c.arch.fused: self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=bias)  # gate rows, then up
+    else:
+      self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=bias)
+      self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=bias)
+    self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=bias)
 
   def __call__(self, x: Tensor, saved: list[Tensor] | None = None) -> Tensor:
-    gate, up = (base_forward(p, x).contiguous().contiguous_backward() for p in (self.gate_proj, self.up_proj))
-    hidden = (gate.silu() * up).contiguous()
+    if hasattr(self, "gate_up_proj"):
+      gate, up = (t.contiguous().contiguous_backward() for t in base_forward(self.gate_up_proj, x).chunk(2, dim=-1))
+    else: gate, up = (base_forward(p, x).contiguous().contiguous_backward() for p in (self.gate_proj, self.up_proj))
+    hidden = (self.act(gate) * up).contiguous()
     if saved is not None: saved += [gate, up, hidden]
     return base_forward(self.down_proj, hidden)
 
 class DecoderLayer:
+  """Attention and MLP, each a residual branch with its norms where the family puts them: "pre" (input_layernorm before
+  attention, post_attention_layernorm before the MLP), "sandwich" (Gemma: also a norm on each branch's output, and
+  pre_feedforward_layernorm before the MLP), or "post" (OLMo2: norms on the branch outputs only)."""
   def __init__(self, config: ModelConfig, layer: int):
-    self.self_attn = Attention(config, layer)
-    self.mlp = MLP(config)
-    self.input_layernorm = nn.RMSNorm(config.hidden_size, config.rms_norm_eps)
-    self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, config.rms_norm_eps)
+    c = config
+    self.config, self.rope = c, c.layer_rope(layer)
+    self.self_attn = Attention(c, layer)
+    self.mlp = MLP(c)
+    names = {"pre": ("input_layernorm", "post_attention_layernorm"),
+             "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+             "post": ("post_attention_layernorm", "post_feedforward_layernorm")}[c.arch.norms]
+    for name in names: setattr(self, name, RMSNorm(c.hidden_size, c.rms_norm_eps, c.arch.norm_plus_one))
 
-  def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | UOp, cache: KVCache | None,
+  def __call__(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, start_pos: int | UOp, cache: KVCache | None,
                saved: list[Tensor] | None = None) -> Tensor:
-    normed = self.input_layernorm(x).contiguous()
-    h = x + self.self_attn(normed, cos, sin, start_pos, cache, saved)
-    post = self.post_attention_layernorm(h).contiguous()
-    if saved is not None: saved += [normed, h, post]
-    return h + self.mlp(post, saved)
+    norms, r = self.config.arch.norms, self.config.residual_multiplier
+    attn_in = self.input_layernorm(x).contiguous() if norms != "post" else x
+    attn = self.self_attn(attn_in, cos, sin, start_pos, cache, saved)
+    if norms != "pre": attn = self.post_attention_layernorm(attn)
+    h = x + (attn * r if r != 1 else attn)
+    mlp_in = {"pre": lambda: self.post_attention_layernorm(h), "sandwich": lambda: self.pre_feedforward_layernorm(h),
+              "post": lambda: h}[norms]().contiguous()
+    if saved is not None: saved += [attn_in, h, mlp_in]
+    mlp = self.mlp(mlp_in, saved)
+    if norms != "pre": mlp = self.post_feedforward_layernorm(mlp)
+    return h + (mlp * r if r != 1 else mlp)
 
 # A full-sequence decoder layer can run as a tinygrad `function` with the layer object as an argument, so its weights and
 # adapters are explicit inputs: every layer calls one body, whose forward and backward kernels are scheduled and
 # compiled once instead of once per layer. Its materialised intermediates are returned as extra outputs, which the
 # backward reuses instead of recomputing the forward; the checkpointed variant returns only the output, so the
 # backward recomputes the layer from its input and nothing else of the layer stays alive between forward and backward.
-def _layer_with_intermediates(layer: DecoderLayer, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, ...]:
+def _layer_with_intermediates(layer: DecoderLayer, x: Tensor, cos: Tensor | None, sin: Tensor | None) -> tuple[Tensor, ...]:
   saved: list[Tensor] = []
   return (layer(x, cos, sin, 0, None, saved), *saved)
 
@@ -229,7 +199,7 @@ class Backbone:
     # and quantization can swap it
     self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
     self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
-    self.norm = nn.RMSNorm(config.hidden_size, config.rms_norm_eps)
+    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.arch.norm_plus_one)
 
 class Model:
   """A causal decoder LM. `model(tokens)` maps int tokens (B, T) to float32 logits (B, T, vocab).
@@ -274,13 +244,18 @@ class Model:
     max_len = cache.max_len if cache is not None else T
     end = (start_pos.vmax if isinstance(start_pos, UOp) else start_pos) + T
     if end > max_len: raise LoraError(f"positions up to {end} do not fit the KV cache of {max_len}")
-    if c.sliding_window is not None and end > c.sliding_window:
-      raise LoraError(f"sequence of {end} tokens exceeds sliding_window {c.sliding_window}, which is not implemented")
-    cos, sin = _rope_table(c.head_dim, c.rope_theta, c.rope_scaling, max_len, self.model.norm.weight.device)
-    cos, sin = cos[start_pos:start_pos + T].cast(self.dtype), sin[start_pos:start_pos + T].cast(self.dtype)
+    tables = {}  # cos and sin of positions [start_pos, start_pos+T) per RoPE: layer kinds may differ in base, or have none
+    for rope in {layer.rope for layer in self.model.layers} - {None}:
+      cos, sin = _rope_table(rope, max_len, self.model.norm.weight.device)
+      tables[rope] = cos[start_pos:start_pos + T].cast(self.dtype), sin[start_pos:start_pos + T].cast(self.dtype)
     x = self.model.embed_tokens(tokens)
+    if c.embedding_multiplier != 1: x = x * Tensor(c.embedding_multiplier, dtype=x.dtype, device=x.device)
     for layer in self.model.layers:
+      cos, sin = tables.get(layer.rope, (None, None))
       if cache is None and (self.layers_as_functions or self.grad_checkpoint) and _callable_as_function(layer):
         x = _checkpointed_layer(layer, x, cos, sin) if self.grad_checkpoint else _layer(layer, x, cos, sin)[0]
       else: x = layer(x, cos, sin, start_pos, cache)
-    return base_forward(self.lm_head, self.model.norm(x).contiguous()).float()
+    logits = base_forward(self.lm_head, self.model.norm(x).contiguous()).float()
+    if c.logits_scaling != 1: logits = logits / c.logits_scaling
+    if (cap := c.final_logit_softcapping) is not None: logits = (logits / cap).tanh() * cap
+    return logits
