@@ -237,6 +237,10 @@ class Model:
     return KVCache(self.config, batch, max_len or self.config.max_position_embeddings, self.dtype, self.model.norm.weight.device)
 
   def __call__(self, tokens: Tensor, start_pos: int | UOp = 0, cache: KVCache | None = None) -> Tensor:
+    return self.logits(self.hidden(tokens, start_pos, cache))
+
+  def hidden(self, tokens: Tensor, start_pos: int | UOp = 0, cache: KVCache | None = None) -> Tensor:
+    """The final norm's output (B, T, hidden): what the output head reads (a loss may apply the head in chunks)."""
     if tokens.ndim != 2 or not dtypes.is_int(tokens.dtype):
       raise LoraError(f"tokens must be an integer tensor of shape (batch, time), found {tokens.dtype} {tokens.shape}")
     if cache is None and not (isinstance(start_pos, int) and start_pos == 0): raise LoraError("start_pos > 0 needs a KV cache")
@@ -255,7 +259,12 @@ class Model:
       if cache is None and (self.layers_as_functions or self.grad_checkpoint) and _callable_as_function(layer):
         x = _checkpointed_layer(layer, x, cos, sin) if self.grad_checkpoint else _layer(layer, x, cos, sin)[0]
       else: x = layer(x, cos, sin, start_pos, cache)
-    logits = base_forward(self.lm_head, self.model.norm(x).contiguous()).float()
+    return self.model.norm(x).contiguous()
+
+  def logits(self, hidden: Tensor) -> Tensor:
+    """float32 logits (..., vocab) of final hidden states: the output head, with the family's scaling and soft-cap."""
+    c = self.config
+    logits = base_forward(self.lm_head, hidden).float()
     if c.logits_scaling != 1: logits = logits / c.logits_scaling
     if (cap := c.final_logit_softcapping) is not None: logits = (logits / cap).tanh() * cap
     return logits
