@@ -143,8 +143,8 @@ def kernel_profile(step) -> tuple[float, list[tuple[str, int, float]]]:
 def use_autograd_base_backward():
   """The variant measured by --base-backward autograd: frozen linears as plain calls, so tinygrad's autograd derives
   their input gradients instead of tinylora.device_policy.linear."""
-  import tinylora.lora, tinylora.models.llama
-  tinylora.lora.base_forward = tinylora.models.llama.base_forward = lambda module, x: module(x)
+  import tinylora.lora, tinylora.models.decoder
+  tinylora.lora.base_forward = tinylora.models.decoder.base_forward = lambda module, x: module(x)
 
 def model_setup(cfg: dict, batch: int, seq: int, r: int) -> tuple[dict, Callable]:
   """Builds the model and its Trainer, counts FLOPs and kernels and runs the first (compiling) steps."""

@@ -78,8 +78,8 @@ def parse_args() -> argparse.Namespace:
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--alpha", type=float, default=32)
   p.add_argument("--dropout", type=float, default=0.0)
-  p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                 help="comma-separated module names, or all-linear")
+  p.add_argument("--targets", default="all-linear",
+                 help="comma-separated module names, or all-linear (the default: every projection of each adapted layer)")
   p.add_argument("--num-layers", type=int, default=16, help="adapt the last N decoder layers (<= 0: all), as mlx-lm")
   p.add_argument("--lr", type=float)
   p.add_argument("--iters", type=int)

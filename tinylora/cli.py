@@ -12,6 +12,7 @@ import argparse, json, math, pathlib, sys
 from typing import Sequence
 from tinygrad import Tensor
 import tinylora as tl
+from tinylora.config import ALL_LINEAR
 from tinylora.data import eval_batches, load_dataset
 from tinylora.errors import LoraError
 from tinylora.formats import (ADAPTER_FORMATS, adapter_path, checkpoint, detect_adapter_format, load_adapter, load_pretrained,
@@ -20,7 +21,6 @@ from tinylora.generate import generate as generate_tokens
 from tinylora.quant import QuantizedLinear
 from tinylora.train import Trainer, TrainConfig, fit
 
-ALL7 = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 class _Parser(argparse.ArgumentParser):
   def error(self, message: str):  # one line, not argparse's usage block
@@ -52,7 +52,8 @@ def _train_parser(sub) -> None:
   p.add_argument("--rank", type=int, help="LoRA rank r (default 8)")
   p.add_argument("--alpha", type=float, help="LoRA alpha; the scale is alpha / r (default 2 * rank)")
   p.add_argument("--dropout", type=float, help="dropout on the adapter's input (default 0)")
-  p.add_argument("--targets", help=f"comma-separated module names, or all-linear (default {ALL7})")
+  p.add_argument("--targets", help="comma-separated module names, or all-linear (default: every projection of each adapted "
+                 "layer, the output head excepted: q,k,v,o,gate,up,down_proj; Phi-3's fused qkv_proj and gate_up_proj)")
   p.add_argument("--dora", action="store_true", default=None, help="train DoRA instead of LoRA")
   p.add_argument("--adapter-path", help="where the adapter and its checkpoints are written (default adapters)")
   p.add_argument("--format", choices=list(ADAPTER_FORMATS), help="adapter file format (default peft)")
@@ -67,7 +68,7 @@ def _train_parser(sub) -> None:
   p.add_argument("--seed", type=int, help="random seed (default 0)")
 
 TRAIN_DEFAULTS = dict(train=False, test=False, iters=1000, batch_size=4, learning_rate=1e-5, warmup=0, num_layers=16,
-                      max_seq_length=2048, mask_prompt=True, rank=8, alpha=None, dropout=0.0, targets=ALL7, dora=False,
+                      max_seq_length=2048, mask_prompt=True, rank=8, alpha=None, dropout=0.0, targets=ALL_LINEAR, dora=False,
                       adapter_path="adapters", format="peft", resume_adapter_file=None, steps_per_eval=200,
                       val_batches=25, save_every=100, grad_checkpoint=False, devices=None, seed=0, model=None, data=None)
 
@@ -153,7 +154,7 @@ def train(a: argparse.Namespace) -> None:
   else:
     n = model.config.num_hidden_layers
     layers = list(range(max(0, n - a.num_layers), n)) if a.num_layers > 0 else None
-    targets = a.targets if a.targets == "all-linear" else a.targets.split(",")
+    targets = a.targets if a.targets == ALL_LINEAR else a.targets.split(",")
     tl.inject(model, tl.LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=targets,
                                    layers_to_transform=layers, use_dora=a.dora))
   trainable, total = tl.count_parameters(model)
