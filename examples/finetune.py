@@ -15,7 +15,7 @@ import argparse, importlib.metadata, json, pathlib, random, shlex, sys, time
 import numpy as np
 from tinygrad import Tensor, Device, dtypes
 import tinylora as tl
-from tinylora.data import encode_example, eval_batches, load_dataset
+from tinylora.data import LOSS_ON, encode_example, eval_batches, load_dataset
 from tinylora.generate import generate
 from tinylora import load_pretrained, load_tokenizer, save_pretrained
 from tinylora.models import Model
@@ -95,8 +95,8 @@ def parse_args() -> argparse.Namespace:
                                    "--batch-size must be a multiple of their count")
   p.add_argument("--val-every", type=int, default=10)
   p.add_argument("--save-every", type=int, default=50)
-  p.add_argument("--no-mask-prompt", action="store_true", help="train on the prompt tokens too (default: no loss on the "
-                 "prompt, as `tinylora train`)")
+  p.add_argument("--loss-on", choices=LOSS_ON, default="assistant", help="what the loss sees: every assistant reply "
+                 "(the default, as `tinylora train`), the last message only, or all tokens")
   p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()
@@ -140,15 +140,14 @@ def main() -> None:
   Tensor.manual_seed(args.seed)
   model, tokenizer, model_name = load(args)
   timings = {"load_s": time.perf_counter() - start}
-  mask = not args.no_mask_prompt
   if args.data:
-    train = load_dataset(pathlib.Path(args.data) / "train.jsonl", tokenizer, mask)
-    valid = load_dataset(pathlib.Path(args.data) / "valid.jsonl", tokenizer, mask)
+    train = load_dataset(pathlib.Path(args.data) / "train.jsonl", tokenizer, args.loss_on)
+    valid = load_dataset(pathlib.Path(args.data) / "valid.jsonl", tokenizer, args.loss_on)
     heldout = [json.loads(l) for l in (pathlib.Path(args.data) / "valid.jsonl").read_text().splitlines() if l.strip()][:8]
   else:
     train_rows, heldout = color_dataset(args.seed) if args.model == "tiny" else island_dataset(args.seed)
-    train = [encode_example(r, tokenizer, mask) for r in train_rows]
-    valid = [encode_example(r, tokenizer, mask) for r in heldout]
+    train = [encode_example(r, tokenizer, args.loss_on) for r in train_rows]
+    valid = [encode_example(r, tokenizer, args.loss_on) for r in heldout]
   model.layers_as_functions = True  # 30 layers: compile one layer's kernels instead of thirty (tinylora/models/decoder.py)
   if too_long := [len(t) for t, _ in train + valid if len(t) > args.seq_len + 1]:
     print(f"note: {len(too_long)} examples are longer than --seq-len {args.seq_len} and are truncated")

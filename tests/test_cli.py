@@ -5,6 +5,7 @@ import numpy as np, pytest
 from tinygrad import Tensor
 import tinylora as tl
 from tinylora.cli import _parser, main
+from tinylora.errors import LoraError
 from tinylora import load_pretrained, save_pretrained
 from tinylora.models import Model
 
@@ -130,12 +131,16 @@ def test_help_documents_every_flag_and_bad_flags_fail_in_one_line():
             "--dora", "--format"):
     assert f in flags, f
 
-def test_train_masks_the_prompt_by_default(tmp_path):
-  """`tinylora train` trains with no loss on the prompt, as the library and the example do; --no-mask-prompt (or the
-  config's mask_prompt: false) trains on every token."""
+def test_train_loss_on_assistant_replies_by_default(tmp_path):
+  """`tinylora train` trains on the assistant replies, as the library and the example do; --loss-on picks, mlx-lm's
+  --mask-prompt / --no-mask-prompt (and the config's mask_prompt) mean the last message / every token, and the command
+  line wins over the config file."""
   from tinylora.cli import _train_args
-  def parsed(*flags) -> bool: return _train_args(_parser().parse_args(["train", "--model", "m", "--data", "d", "--train", *flags])).mask_prompt
+  def parsed(*flags) -> str: return _train_args(_parser().parse_args(["train", "--model", "m", "--data", "d", "--train", *flags])).loss_on
   config = tmp_path / "c.json"
   config.write_text(json.dumps({"mask_prompt": False}))
-  assert parsed() is True and parsed("--mask-prompt") is True and parsed("--no-mask-prompt") is False
-  assert parsed("-c", str(config)) is False and parsed("-c", str(config), "--mask-prompt") is True
+  assert parsed() == "assistant" and parsed("--mask-prompt") == "last" and parsed("--no-mask-prompt") == "all"
+  assert parsed("--loss-on", "last") == "last" and parsed("--loss-on", "all", "--mask-prompt") == "all"
+  assert parsed("-c", str(config)) == "all" and parsed("-c", str(config), "--mask-prompt") == "last"
+  config.write_text(json.dumps({"loss_on": "everything"}))
+  with pytest.raises(LoraError, match="loss_on must be one of assistant, last, all"): parsed("-c", str(config))

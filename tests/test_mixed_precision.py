@@ -56,7 +56,7 @@ def test_overflow_is_skipped_lowers_the_scale_and_is_recorded(fp16, tmp_path):
   assert fp16.loss_scale.value == 2.0 ** 23 and fp16.loss_scale.skips_in_a_row == 1
   for a, b in zip(before, lora_arrays(fp16)): np.testing.assert_array_equal(a, b)  # no update, nothing reached A/B
   # fit runs on: each overflow is one record with skipped=True, then the step runs again at the halved scale
-  data = [(list(map(int, row)), 0) for row in TOKENS]
+  data = [(list(map(int, row)), [1] * len(row)) for row in TOKENS]
   history = fit(fp16, data, None, batch_size=2, seq_len=32, checkpoint_dir=tmp_path, save_every=1, progress=False)
   skipped = [h for h in history if h.get("skipped")]
   assert skipped and all(h["step"] == 1 for h in skipped)

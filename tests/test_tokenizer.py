@@ -96,12 +96,13 @@ def test_chat_prompt_masking_with_a_bpe_tokenizer(hf_dir):
   assert full_text.startswith(prompt_text) and prompt_text.endswith(" ")
   prompt, whole = tok.encode(prompt_text), tok.encode(full_text)
   assert whole[:len(prompt)] != prompt  # tokenized whole, the prompt's last token would not be the prompt's
-  tokens, n = encode_example({"messages": chat}, tok)
+  tokens, weights = encode_example({"messages": chat}, tok)
+  n = weights.index(1)
   assert n == len(prompt) and tokens[:n] == prompt
   assert tok.decode(tokens[n:]) == "brown fox</s>\n"
-  _, targets, mask = make_batch([(tokens, n)], len(tokens) - 1)
-  assert tok.decode(targets[0][mask[0] == 1].tolist()) == "brown fox</s>\n"  # the loss sees the reply, nothing else
-  assert encode_example({"messages": chat}, tok, mask_prompt=False) == (whole, 0)
+  _, targets, mask = make_batch([(tokens, weights)], len(tokens) - 1)
+  assert tok.decode(targets[0][mask[0] == 1].tolist()) == "brown fox</s>"  # the loss sees the reply and its end, nothing else
+  assert encode_example({"messages": chat}, tok, "all") == (whole, [1] * len(whole))
 
 def test_chat_template_whose_conversation_does_not_start_with_its_prompt(hf_dir):
   """A template may render past turns differently from the prompt (e.g. dropping reasoning): the conversation is then
@@ -113,5 +114,6 @@ def test_chat_template_whose_conversation_does_not_start_with_its_prompt(hf_dir)
   tok = load_tokenizer(hf_dir)
   chat = MESSAGES + [{"role": "assistant", "content": "hello"}]
   whole, prompt = tok.encode(tok.apply_chat_template(chat)), tok.encode(tok.apply_chat_template(MESSAGES, add_generation_prompt=True))
-  tokens, n = encode_example({"messages": chat}, tok)
+  tokens, weights = encode_example({"messages": chat}, tok)
+  n = weights.index(1)
   assert tokens == whole and tokens[:n] == prompt[:n] and n < len(prompt) and tokens[n] != prompt[n]

@@ -14,7 +14,7 @@ def model(seed=0):
 def pattern_data(n=24, seq=12, seed=0):
   """Sequences t, t+1, t+2, ... (mod 48): learnable from the previous token alone."""
   rng = np.random.default_rng(seed)
-  return [([(s + i) % 48 for i in range(seq + 1)], 0) for s in rng.integers(0, 48, n)]
+  return [([(s + i) % 48 for i in range(seq + 1)], [1] * (seq + 1)) for s in rng.integers(0, 48, n)]
 
 def test_lm_loss_matches_numpy_and_masks():
   rng = np.random.default_rng(0)
@@ -39,16 +39,17 @@ class Tok:
     return "".join(f"<{m['role']}>{m['content']}" for m in msgs) + ("<assistant>" if add_generation_prompt else "")
 
 def test_prompt_masking_and_formats():
-  toks, plen = encode_example({"prompt": "ab", "completion": "cd"}, Tok())
-  assert toks == [97, 98, 99, 100, 1] and plen == 2
-  tokens, targets, mask = make_batch([(toks, plen)], seq_len=6)
+  toks, weights = encode_example({"prompt": "ab", "completion": "cd"}, Tok())
+  assert toks == [97, 98, 99, 100, 1] and weights == [0, 0, 1, 1, 1]
+  tokens, targets, mask = make_batch([(toks, weights)], seq_len=6)
   # position j predicts token j+1: only the predictions of "c", "d" and EOS count
   assert targets[0, :4].tolist() == [98, 99, 100, 1] and mask[0].tolist() == [0, 1, 1, 1, 0, 0]
-  assert encode_example({"text": "ab"}, Tok())[1] == 0
+  assert encode_example({"text": "ab"}, Tok())[1] == [1, 1, 1]
   msgs = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
-  toks, plen = encode_example(msgs, Tok())
-  assert "".join(map(chr, toks[:plen])) == "<user>hi<assistant>" and "".join(map(chr, toks[plen:])) == "yo"
-  assert encode_example({"prompt": "ab", "completion": "cd"}, Tok(), mask_prompt=False)[1] == 0
+  toks, weights = encode_example(msgs, Tok())
+  plen = weights.index(1)
+  assert "".join(map(chr, toks[:plen])) == "<user>hi<assistant>" and "".join(map(chr, toks[plen:])) == "yo" and all(weights[plen:])
+  assert encode_example({"prompt": "ab", "completion": "cd"}, Tok(), "all")[1] == [1] * 5
   with pytest.raises(LoraError, match="unknown example format"): encode_example({"input": "x"}, Tok())
 
 def test_batches_are_a_function_of_seed_and_step():
@@ -218,7 +219,7 @@ def test_eval_batches_cover_the_examples_in_order():
 
 @pytest.mark.parametrize("call, message", [
   (lambda: batch_at([], 0, 2, 8), "no examples"), (lambda: batch_at(pattern_data(), 0, 0, 8), "batch_size must be"),
-  (lambda: eval_batches(pattern_data(), 2, 0), "seq_len must be"), (lambda: make_batch([([1, 2], 0)], -1), "seq_len must be"),
+  (lambda: eval_batches(pattern_data(), 2, 0), "seq_len must be"), (lambda: make_batch([([1, 2], [1, 1])], -1), "seq_len must be"),
   (lambda: encode_example({"text": None}, Tok()), "'text' must be a string"),
   (lambda: encode_example({"prompt": 1, "completion": "x"}, Tok()), "'prompt' must be a string"),
   (lambda: encode_example({"messages": []}, Tok()), "'messages' must be a non-empty list"),

@@ -13,7 +13,7 @@ from typing import Sequence
 from tinygrad import Tensor
 import tinylora as tl
 from tinylora.config import ALL_LINEAR
-from tinylora.data import eval_batches, load_dataset
+from tinylora.data import LOSS_ON, eval_batches, load_dataset
 from tinylora.errors import LoraError
 from tinylora.formats import (ADAPTER_FORMATS, adapter_path, checkpoint, detect_adapter_format, load_adapter, load_pretrained,
                               load_tokenizer, save_adapter, save_pretrained)
@@ -46,9 +46,11 @@ def _train_parser(sub) -> None:
   p.add_argument("--warmup", type=int, help="linear warmup steps before the cosine decay (default 0)")
   p.add_argument("--num-layers", type=int, help="adapt the last N decoder layers, -1 for all (default 16)")
   p.add_argument("--max-seq-length", type=int, help="tokens per sequence; longer examples are truncated (default 2048)")
-  p.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None, help="no loss on the prompt "
-                 "(everything before the completion or the last message), as the library and the example do (default); "
-                 "--no-mask-prompt trains on every token, as mlx-lm does by default")
+  p.add_argument("--loss-on", choices=LOSS_ON, help="what the loss sees: every assistant reply of chat data and the "
+                 "completion of prompt/completion data (assistant, the default, as in the example), the last message "
+                 "only (last), or every token (all)")
+  p.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None, help="mlx-lm's flag: "
+                 "--mask-prompt is --loss-on last, --no-mask-prompt is --loss-on all")
   p.add_argument("--rank", type=int, help="LoRA rank r (default 8)")
   p.add_argument("--alpha", type=float, help="LoRA alpha; the scale is alpha / r (default 2 * rank)")
   p.add_argument("--dropout", type=float, help="dropout on the adapter's input (default 0)")
@@ -68,7 +70,7 @@ def _train_parser(sub) -> None:
   p.add_argument("--seed", type=int, help="random seed (default 0)")
 
 TRAIN_DEFAULTS = dict(train=False, test=False, iters=1000, batch_size=4, learning_rate=1e-5, warmup=0, num_layers=16,
-                      max_seq_length=2048, mask_prompt=True, rank=8, alpha=None, dropout=0.0, targets=ALL_LINEAR, dora=False,
+                      max_seq_length=2048, loss_on=None, mask_prompt=None, rank=8, alpha=None, dropout=0.0, targets=ALL_LINEAR, dora=False,
                       adapter_path="adapters", format="peft", resume_adapter_file=None, steps_per_eval=200,
                       val_batches=25, save_every=100, grad_checkpoint=False, devices=None, seed=0, model=None, data=None)
 
@@ -130,11 +132,20 @@ def _config_values(path: str) -> dict:
   if unknown := sorted(set(values) - set(TRAIN_DEFAULTS)): raise LoraError(f"{path}: unknown option(s) {unknown}")
   return values
 
+def _loss_on(*sources: dict) -> str:
+  """--loss-on, or mlx-lm's mask_prompt (true: the last message, false: everything), command line over config file."""
+  for values in sources:
+    if values.get("loss_on") is not None: return values["loss_on"]
+    if values.get("mask_prompt") is not None: return "last" if values["mask_prompt"] else "all"
+  return "assistant"
+
 def _train_args(args: argparse.Namespace) -> argparse.Namespace:
   """Command line over config file over defaults."""
   file = _config_values(args.config) if args.config else {}
   merged = {k: v if (v := getattr(args, k)) is not None else file.get(k, default) for k, default in TRAIN_DEFAULTS.items()}
   merged["alpha"] = merged["alpha"] if merged["alpha"] is not None else 2.0 * merged["rank"]
+  merged["loss_on"] = _loss_on(vars(args), file)
+  if merged["loss_on"] not in LOSS_ON: raise LoraError(f"loss_on must be one of {', '.join(LOSS_ON)}, found {merged['loss_on']!r}")
   for k in ("model", "data"):
     if merged[k] is None: raise LoraError(f"train needs --{k} (on the command line or in the -c config)")
   if not (merged["train"] or merged["test"]): raise LoraError("nothing to do: pass --train to train (and/or --test)")
@@ -164,7 +175,7 @@ def train(a: argparse.Namespace) -> None:
   pad, val_batches = tokenizer.pad_id or 0, None if a.val_batches < 0 else a.val_batches
   if a.train:
     if checkpoints: print(f"resumed at step {trainer.load_checkpoint(resume)['step']}")
-    train_set, valid = (load_dataset(data / f, tokenizer, a.mask_prompt) for f in files)
+    train_set, valid = (load_dataset(data / f, tokenizer, a.loss_on) for f in files)
     history = fit(trainer, train_set, valid, a.batch_size, a.max_seq_length, seed=a.seed, pad_id=pad,
                   val_every=a.steps_per_eval, val_batches=val_batches, checkpoint_dir=out / "checkpoints", save_every=a.save_every)
     target = adapter_path(out, a.format)
@@ -172,7 +183,7 @@ def train(a: argparse.Namespace) -> None:
     last = history[-1] if history else {}
     print(f"saved the adapter to {target} ({a.format}); last train loss {last.get('loss', float('nan')):.3f}")
   if a.test:
-    test = load_dataset(data / "test.jsonl", tokenizer, a.mask_prompt)
+    test = load_dataset(data / "test.jsonl", tokenizer, a.loss_on)
     loss = trainer.evaluate(eval_batches(test, a.batch_size, a.max_seq_length, pad, val_batches))
     print(f"test loss {loss:.3f}, test perplexity {math.exp(min(loss, 700)):.3f}")
 

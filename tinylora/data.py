@@ -1,5 +1,5 @@
-"""Fine-tuning data in mlx-lm's JSONL formats: {"text"}, {"prompt", "completion"}, {"messages": [...]}, tokenized with
-the prompt masked out of the loss, and fixed-shape batches that are a pure function of (seed, step) so a resumed run
+"""Fine-tuning data in mlx-lm's JSONL formats: {"text"}, {"prompt", "completion"}, {"messages": [...], "tools": [...]},
+tokenized with loss weights (what the loss sees: `LOSS_ON`), and fixed-shape batches that are a pure function of (seed, step) so a resumed run
 sees exactly the batches the uninterrupted one would have."""
 from __future__ import annotations
 import json, os, pathlib
@@ -7,7 +7,10 @@ from typing import Any, Iterable
 import numpy as np
 from tinylora.errors import LoraError
 
-Example = tuple[list[int], int]  # (tokens, how many leading tokens are prompt and get no loss)
+Example = tuple[list[int], list[int]]  # (tokens, weights): weights[j] is 1 where token j is a loss target, else 0
+# what the loss sees: every assistant reply (the completion of prompt/completion rows), the last message only (mlx-lm's
+# --mask-prompt), or every token
+LOSS_ON = ("assistant", "last", "all")
 
 def load_jsonl(path: str | os.PathLike) -> list[dict]:
   path, rows = pathlib.Path(path), []
@@ -29,36 +32,69 @@ def _text(row: dict, key: str) -> str:
 def _common_prefix(a: list[int], b: list[int]) -> int:
   return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
-def encode_example(row: dict, tokenizer: Any, mask_prompt: bool = True) -> Example:
-  """Tokens for one example (ending in EOS) and the length of its prompt part (0 when not masked).
-  Chat messages: the rendered conversation, as the prompt's tokens (everything before the last message, with the
-  generation prompt) followed by the last message's, so training sees the reply after the same tokens generation
-  does. A template whose conversation does not begin with its prompt's text is tokenized whole, and the prompt is the
-  tokens both renderings share."""
+def encode_example(row: dict, tokenizer: Any, loss_on: str = "assistant") -> Example:
+  """Tokens for one example and their loss weights. Text: every token, then EOS. Prompt/completion: the completion
+  and EOS are trained, the prompt too with loss_on="all". Chat messages: see `_chat_example`."""
+  if loss_on not in LOSS_ON: raise LoraError(f"loss_on must be one of {', '.join(LOSS_ON)}, found {loss_on!r}")
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-  if "messages" in row:
-    msgs = row["messages"]
-    if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)):
-      raise LoraError(f"'messages' must be a non-empty list of {{role, content}} objects, found {str(msgs)[:80]!r}")
-    text = tokenizer.apply_chat_template(msgs)
-    if not (mask_prompt and len(msgs) > 1): return tokenizer.encode(text), 0
-    prompt_text = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True)
-    prompt = tokenizer.encode(prompt_text)
-    if text.startswith(prompt_text): return prompt + tokenizer.encode(text[len(prompt_text):]), len(prompt)
-    tokens = tokenizer.encode(text)
-    return tokens, _common_prefix(tokens, prompt)
+  if "messages" in row: return _chat_example(row, tokenizer, loss_on)
   if "prompt" in row and "completion" in row:
-    prompt, completion = tokenizer.encode(_text(row, "prompt")), tokenizer.encode(_text(row, "completion"))
-    return prompt + completion + eos, len(prompt) if mask_prompt else 0
-  if "text" in row: return tokenizer.encode(_text(row, "text")) + eos, 0
+    prompt, completion = tokenizer.encode(_text(row, "prompt")), tokenizer.encode(_text(row, "completion")) + eos
+    return prompt + completion, [int(loss_on == "all")] * len(prompt) + [1] * len(completion)
+  if "text" in row:
+    tokens = tokenizer.encode(_text(row, "text")) + eos
+    return tokens, [1] * len(tokens)
   raise LoraError(f"unknown example format with keys {sorted(row)}: expected 'text', 'prompt'+'completion', or 'messages'")
 
-def load_dataset(path: str | os.PathLike, tokenizer: Any, mask_prompt: bool = True) -> list[Example]:
+def _chat_example(row: dict, tokenizer: Any, loss_on: str) -> Example:
+  """The rendered conversation (with the row's `tools`, if any, passed to the template), trained on the spans of the
+  chosen messages: every assistant message, or the last message. A message's span is found from the template's own
+  renderings: it starts where the conversation before it, rendered with the generation prompt, ends, and runs to the
+  end of the conversation rendered up to it (trailing whitespace after its end token left out). The text is tokenized
+  piece by piece at those boundaries, so a reply follows the same tokens as in generation. A template that renders a
+  turn differently once later turns follow (e.g. dropping its reasoning) cannot place that turn: its last turn is then
+  found by the tokens both renderings share, and an earlier one is refused."""
+  msgs, tools = row["messages"], row.get("tools")
+  if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m for m in msgs)):
+    raise LoraError(f"'messages' must be a non-empty list of {{role, content}} objects, found {str(msgs)[:80]!r}")
+  if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+    raise LoraError(f"'tools' must be a list of tool objects, found {str(tools)[:80]!r}")
+  def render(messages: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, **({"tools": tools} if tools else {}))
+  text = render(msgs)
+  if loss_on == "all":
+    tokens = tokenizer.encode(text)
+    return tokens, [1] * len(tokens)
+  turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"] if loss_on == "assistant" else [len(msgs) - 1]
+  if not turns: raise LoraError("no assistant message to train on (loss_on='assistant'); loss_on='all' trains on every token")
+  spans = []
+  for i in turns:
+    prompt, upto = render(msgs[:i], generation_prompt=True) if i else "", render(msgs[:i + 1])
+    if not (text.startswith(prompt) and text.startswith(upto)):
+      if turns == [len(msgs) - 1]:  # the last turn: by the tokens the prompt and the conversation share
+        tokens = tokenizer.encode(text)
+        start = _common_prefix(tokens, tokenizer.encode(prompt))
+        return tokens, [0] * start + [1] * (len(tokens) - start)
+      raise LoraError(f"message {i}: the chat template renders this turn differently once later turns follow, so its "
+                      "span cannot be found from the template's renderings; loss_on='last' trains on the last message only")
+    spans.append((len(prompt), len(upto.rstrip())))
+  tokens, weights, at = [], [], 0
+  for i, (start, end) in zip(turns, spans):
+    if end <= start: raise LoraError(f"message {i} ({msgs[i]['role']}) renders to no tokens")
+    for piece, weight in ((text[at:start], 0), (text[start:end], 1)):
+      ids = tokenizer.encode(piece) if piece else []
+      tokens += ids
+      weights += [weight] * len(ids)
+    at = end
+  rest = tokenizer.encode(text[at:]) if text[at:] else []
+  return tokens + rest, weights + [0] * len(rest)
+
+def load_dataset(path: str | os.PathLike, tokenizer: Any, loss_on: str = "assistant") -> list[Example]:
   rows = load_jsonl(path)
   out = []
   for n, row in enumerate(rows, 1):
     try:
-      example = encode_example(row, tokenizer, mask_prompt)
+      example = encode_example(row, tokenizer, loss_on)
       if len(example[0]) < 2: raise LoraError(f"{len(example[0])} token(s): an example needs at least two (an input and its next)")
     except LoraError as e: raise LoraError(f"{path}: example {n}: {e}") from None
     out.append(example)
@@ -69,17 +105,18 @@ def _check_sizes(**sizes: int) -> None:
     if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1): raise LoraError(f"{name} must be an integer >= 1, found {v!r}")
 
 def make_batch(examples: Iterable[Example], seq_len: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(tokens, targets, mask), each (batch, seq_len): targets are tokens shifted by one; mask is 1 where the target
-  is a completion token (not prompt, not padding). Longer examples are truncated."""
+  """(tokens, targets, mask), each (batch, seq_len): targets are tokens shifted by one; mask is the target's weight (0
+  for prompt and padding). Longer examples are truncated."""
   examples = list(examples)
   _check_sizes(seq_len=seq_len)
   tokens = np.full((len(examples), seq_len), pad_id, np.int32)
   targets, mask = np.zeros_like(tokens), np.zeros((len(examples), seq_len), np.float32)
-  for i, (seq, prompt_len) in enumerate(examples):
+  for i, (seq, weights) in enumerate(examples):
+    if len(weights) != len(seq): raise LoraError(f"example {i}: {len(seq)} tokens but {len(weights)} loss weights")
     seq = seq[:seq_len + 1]
     n = max(0, len(seq) - 1)
     tokens[i, :n], targets[i, :n] = seq[:-1], seq[1:]
-    mask[i, max(0, prompt_len - 1):n] = 1  # position j predicts token j+1
+    mask[i, :n] = weights[1:n + 1]  # position j predicts token j+1
   return tokens, targets, mask
 
 def batch_at(examples: list[Example], step: int, batch_size: int, seq_len: int, seed: int = 0, pad_id: int = 0):
@@ -96,4 +133,4 @@ def eval_batches(examples: list[Example], batch_size: int, seq_len: int, pad_id:
   """Fixed-shape batches covering the examples in order (the last one filled with empty, fully masked rows)."""
   _check_sizes(batch_size=batch_size, seq_len=seq_len)
   chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)][:max_batches]
-  return [make_batch(c + [([pad_id], 0)] * (batch_size - len(c)), seq_len, pad_id) for c in chunks]
+  return [make_batch(c + [([pad_id], [0])] * (batch_size - len(c)), seq_len, pad_id) for c in chunks]

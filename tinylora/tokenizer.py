@@ -14,7 +14,7 @@ class Tokenizer(Protocol):
   pad_id: int | None
   def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
   def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
-  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str: ...
+  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str: ...
 
 def tokenizers_package():
   """The optional `tokenizers` package (HF tokenizer.json files, and the tokenizers built from GGUF metadata)."""
@@ -23,8 +23,10 @@ def tokenizers_package():
   return tokenizers
 
 def _check_messages(messages: list[dict]) -> None:
+  """Each message has a string role and string content (an assistant message that calls tools may have none)."""
   for i, m in enumerate(messages):
-    if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+    calls_tools = isinstance(m, dict) and bool(m.get("tool_calls")) and m.get("content") is None
+    if not (isinstance(m, dict) and isinstance(m.get("role"), str) and (isinstance(m.get("content"), str) or calls_tools)):
       raise LoraError(f"message {i} must be a dict with string 'role' and 'content', found {m!r}")
 
 class ByteTokenizer:
@@ -57,8 +59,9 @@ class ByteTokenizer:
         if not skip_special_tokens: out.append(self.SPECIALS[i - 256])
     return "".join(out) + run.decode(errors="replace")
 
-  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
     _check_messages(messages)
+    if tools: raise LoraError("the byte tokenizer's chat template has no place for tools; use the model's own tokenizer")
     text = "<|bos|>" + "".join(f"<|{m['role']}|>\n{m['content']}<|eos|>\n" for m in messages)
     return text + "<|assistant|>\n" if add_generation_prompt else text
 
@@ -92,8 +95,9 @@ class HFTokenizer:
   def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
     return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """Renders the Jinja chat template as transformers does (sandboxed, trim_blocks, lstrip_blocks)."""
+  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+    """Renders the Jinja chat template as transformers does (sandboxed, trim_blocks, lstrip_blocks), with `tools` (a
+    list of JSON-schema tool objects) where the template takes them."""
     _check_messages(messages)
     if not self.chat_template: raise LoraError("tokenizer_config.json has no chat_template")
     try: from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -103,4 +107,4 @@ class HFTokenizer:
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
     return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                       bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                                                       tools=tools, bos_token=self.bos_token or "", eos_token=self.eos_token or "")
