@@ -3,21 +3,22 @@
   tinylora train --model M --data D --train [--iters N --batch-size B --learning-rate LR --num-layers N --dora ...]
   tinylora fuse --model M --adapter-path A --save-path OUT
   tinylora generate --model M [--adapter-path A] --prompt "..." [--max-tokens N --temp T]
+  tinylora chat --model M [--adapter-path A] [--system "..."]
   tinylora convert --model M --adapter-path IN --save-path OUT --format mlx|peft|gguf
 
 A model is a local Hugging Face directory (config.json, safetensors, tokenizer.json) or a .gguf file. Errors print one
 line and exit with status 1 (2 for a bad command line)."""
 from __future__ import annotations
 import argparse, json, math, pathlib, sys
-from typing import Sequence
-from tinygrad import Tensor
+from typing import Iterator, Sequence
+from tinygrad import Tensor, dtypes
 import tinylora as tl
 from tinylora.config import ALL_LINEAR
 from tinylora.data import LOSS_ON, eval_batches, load_dataset
 from tinylora.errors import LoraError
-from tinylora.formats import (ADAPTER_FORMATS, adapter_path, checkpoint, detect_adapter_format, load_adapter, load_pretrained,
-                              load_tokenizer, save_adapter, save_pretrained)
-from tinylora.generate import generate as generate_tokens
+from tinylora.formats import (ADAPTER_FORMATS, adapter_path, checkpoint, detect_adapter_format, detect_model_format,
+                              load_adapter, load_pretrained, load_tokenizer, save_adapter, save_pretrained)
+from tinylora.generate import stream_generate
 from tinylora.quant import QuantizedLinear
 from tinylora.train import Trainer, TrainConfig, fit
 
@@ -28,6 +29,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_flag(p: argparse.ArgumentParser):
   p.add_argument("--model", required=True, help="the base model: a local Hugging Face directory or a .gguf file")
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--adapter-path", help="an adapter to apply, in any format load_adapter reads (detected)")
+  p.add_argument("--max-tokens", type=int, default=100, help="most new tokens per reply (default 100)")
+  p.add_argument("--temp", type=float, default=0.0, help="sampling temperature, 0 for greedy (default 0)")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1)")
+  p.add_argument("--seed", type=int, help="random seed for sampling")
 
 def _train_parser(sub) -> None:
   p = sub.add_parser("train", help="fine-tune a LoRA or DoRA adapter", description="Fine-tunes an adapter on --data "
@@ -67,12 +75,15 @@ def _train_parser(sub) -> None:
   p.add_argument("--grad-checkpoint", action="store_true", default=None, help="recompute each layer in the backward "
                  "instead of keeping its activations (less memory)")
   p.add_argument("--devices", help="comma-separated devices to train on data-parallel, e.g. CUDA:0,CUDA:1")
+  p.add_argument("--qlora", action="store_true", default=None, help="with a .gguf model, train on its packed Q4_0/Q4_1/"
+                 "Q8_0 weights as they are (less memory; slower steps on the CPU). Default, as examples/finetune.py: "
+                 "the GGUF dequantized to float32")
   p.add_argument("--seed", type=int, help="random seed (default 0)")
 
 TRAIN_DEFAULTS = dict(train=False, test=False, iters=1000, batch_size=4, learning_rate=1e-5, warmup=0, num_layers=16,
                       max_seq_length=2048, loss_on=None, mask_prompt=None, rank=8, alpha=None, dropout=0.0, targets=ALL_LINEAR, dora=False,
                       adapter_path="adapters", format="peft", resume_adapter_file=None, steps_per_eval=200,
-                      val_batches=25, save_every=100, grad_checkpoint=False, devices=None, seed=0, model=None, data=None)
+                      val_batches=25, save_every=100, grad_checkpoint=False, devices=None, qlora=False, seed=0, model=None, data=None)
 
 def _parser() -> argparse.ArgumentParser:
   p = _Parser(prog="tinylora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,15 +99,17 @@ def _parser() -> argparse.ArgumentParser:
                  "(default: quantize them again with the base's bits and group size)")
   f.add_argument("--export-gguf", action="store_true", help="write one llama.cpp .gguf file at --save-path")
   g = sub.add_parser("generate", help="generate text", description="Greedy or sampled generation from --prompt, with "
-                     "the model's chat template unless --ignore-chat-template.")
+                     "the model's chat template unless --ignore-chat-template, printed as the tokens come.")
   _model_flag(g)
-  g.add_argument("--adapter-path", help="an adapter to apply, in any format load_adapter reads (detected)")
+  _sampling_flags(g)
   g.add_argument("--prompt", required=True, help="the prompt text")
-  g.add_argument("--max-tokens", type=int, default=100, help="most new tokens (default 100)")
-  g.add_argument("--temp", type=float, default=0.0, help="sampling temperature, 0 for greedy (default 0)")
-  g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1)")
-  g.add_argument("--seed", type=int, help="random seed for sampling")
   g.add_argument("--ignore-chat-template", action="store_true", help="use the prompt as it is")
+  t = sub.add_parser("chat", help="chat with a model in the terminal", description="A multi-turn chat on stdin/stdout "
+                     "with the model's chat template (and an adapter). /reset starts a new conversation; /quit, an "
+                     "empty line at end of input or Ctrl-C ends it.")
+  _model_flag(t)
+  _sampling_flags(t)
+  t.add_argument("--system", help="a system message opening every conversation")
   c = sub.add_parser("convert", help="rewrite an adapter in another format", description="Loads the adapter at "
                      "--adapter-path onto --model (checking every tensor) and writes it to --save-path in --format.")
   _model_flag(c)
@@ -105,9 +118,11 @@ def _parser() -> argparse.ArgumentParser:
   c.add_argument("--format", required=True, choices=list(ADAPTER_FORMATS), help="the format to write")
   return p
 
-def _load_model(path: str):
+def _load_model(path: str, packed: bool = True):
+  """The model at `path`; a GGUF's Q4/Q8 weights stay packed unless `packed` is False (then float32 throughout)."""
   if not pathlib.Path(path).exists(): raise FileNotFoundError(f"model not found: {path}")
-  return load_pretrained(path)
+  gguf = detect_model_format(path) == "gguf"
+  return load_pretrained(path, dtype=dtypes.float32 if gguf and not packed else None, dequantize=not packed)
 
 def _config_values(path: str) -> dict:
   """Flag values from a JSON or YAML file, in the flags' underscore spelling."""
@@ -154,7 +169,7 @@ def _train_args(args: argparse.Namespace) -> argparse.Namespace:
 def train(a: argparse.Namespace) -> None:
   Tensor.manual_seed(a.seed)
   data, out = pathlib.Path(a.data), pathlib.Path(a.adapter_path)
-  model, tokenizer = _load_model(a.model), load_tokenizer(a.model)
+  model, tokenizer = _load_model(a.model, packed=a.qlora), load_tokenizer(a.model)
   files = ["train.jsonl", "valid.jsonl"] if a.train else []
   for name in files + (["test.jsonl"] if a.test else []):
     if not (data / name).exists(): raise FileNotFoundError(f"data file not found: {data / name}")
@@ -195,14 +210,46 @@ def fuse(a: argparse.Namespace) -> None:
   save_pretrained(model, a.save_path, format="gguf" if a.export_gguf else "hf", tokenizer=tokenizer)
   print(f"saved the fused model to {a.save_path}")
 
-def generate(a: argparse.Namespace) -> None:
+def _printed(tokenizer, tokens: Iterator[int]) -> list[int]:
+  """Prints the text of `tokens` as they come (holding back an incomplete UTF-8 character); returns them."""
+  ids, shown = [], ""
+  for token in tokens:
+    ids.append(token)
+    if (text := tokenizer.decode(ids, skip_special_tokens=True)).endswith("\ufffd"): continue
+    print(text[len(shown):], end="", flush=True)
+    shown = text
+  print(tokenizer.decode(ids, skip_special_tokens=True)[len(shown):], flush=True)
+  return ids
+
+def _generator(a: argparse.Namespace):
+  """The model (with its adapter), tokenizer, and a function streaming the reply to a prompt's tokens."""
   model, tokenizer = _load_model(a.model), load_tokenizer(a.model)
   if a.adapter_path: load_adapter(model, a.adapter_path)
+  stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+  def reply(tokens: list[int]) -> list[int]:
+    return _printed(tokenizer, stream_generate(model, tokens, a.max_tokens, a.temp, a.top_p, stop, a.seed, cache_prompt=True))
+  return tokenizer, reply
+
+def generate(a: argparse.Namespace) -> None:
+  tokenizer, reply = _generator(a)
   chat = not a.ignore_chat_template and getattr(tokenizer, "chat_template", None)
   text = tokenizer.apply_chat_template([{"role": "user", "content": a.prompt}], add_generation_prompt=True) if chat else a.prompt
-  stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-  ids = generate_tokens(model, tokenizer.encode(text), a.max_tokens, a.temp, a.top_p, stop, a.seed)
-  print(tokenizer.decode(ids, skip_special_tokens=True))
+  reply(tokenizer.encode(text))
+
+def chat(a: argparse.Namespace) -> None:
+  tokenizer, reply = _generator(a)
+  if not getattr(tokenizer, "chat_template", None): raise LoraError(f"{a.model}: the tokenizer has no chat template to chat with")
+  opening = [{"role": "system", "content": a.system}] if a.system else []
+  messages = list(opening)
+  while True:
+    try: line = input("> ").strip()
+    except (EOFError, KeyboardInterrupt): break
+    if line == "/quit": break
+    if line == "/reset": messages = list(opening); continue
+    if not line: continue
+    messages.append({"role": "user", "content": line})
+    ids = reply(tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True)))
+    messages.append({"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)})
 
 def convert(a: argparse.Namespace) -> None:
   """Loads the adapter onto its base model (which checks every tensor), then saves it in the other format."""
@@ -214,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     if args.command == "train": train(_train_args(args))
-    else: {"fuse": fuse, "generate": generate, "convert": convert}[args.command](args)
+    else: {"fuse": fuse, "generate": generate, "chat": chat, "convert": convert}[args.command](args)
   except (LoraError, OSError, ImportError) as e:
     print(f"tinylora {args.command}: error: {e}", file=sys.stderr)
     return 1

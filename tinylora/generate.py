@@ -9,7 +9,7 @@ is asked for: a LoRA-injected model generates with its adapters as they are when
 """
 from __future__ import annotations
 from collections import OrderedDict
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 import contextlib, weakref
 import numpy as np
 from tinygrad import Tensor, UOp
@@ -90,6 +90,33 @@ def decoder_for(model: Model, length: int, rows: int = 1, adapter_names: tuple[s
   while len(decoders) > DECODERS_PER_MODEL: decoders.popitem(last=False)
   return decoder
 
+def _check(model: Model, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float) -> None:
+  if max_new_tokens < 0: raise LoraError(f"max_new_tokens must be >= 0, found {max_new_tokens}")
+  if temperature < 0: raise LoraError(f"temperature must be >= 0, found {temperature}")
+  if not 0 < top_p <= 1: raise LoraError(f"top_p must be in (0, 1], found {top_p}")
+  for prompt in prompts:
+    if not prompt: raise LoraError("generate needs at least one prompt token")
+    if (bad := [t for t in prompt if not 0 <= t < model.config.vocab_size]):
+      raise LoraError(f"prompt token {bad[0]} is outside the vocabulary of {model.config.vocab_size}")
+
+def stream_generate(model: Model, tokens: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                    stop_tokens: Iterable[int] = (), seed: int | None = None, cache_prompt: bool = False) -> Iterator[int]:
+  """`generate` of one prompt, yielding each new token as soon as it is sampled (the arguments are checked at once)."""
+  _check(model, [tokens], max_new_tokens, temperature, top_p)
+  return _stream(model, tokens, max_new_tokens, temperature, top_p, set(stop_tokens), np.random.default_rng(seed), cache_prompt)
+
+def _stream(model: Model, tokens: list[int], max_new_tokens: int, temperature: float, top_p: float, stop: set[int],
+            rng: np.random.Generator, cache_prompt: bool) -> Iterator[int]:
+  if max_new_tokens == 0: return
+  decoder = decoder_for(model, len(tokens) + max_new_tokens)
+  if not cache_prompt: decoder.tokens = []
+  logits = decoder.prefill(tokens)
+  for i in range(max_new_tokens):
+    token = sample(logits, temperature, top_p, rng)
+    if token in stop: return
+    yield token
+    if i + 1 < max_new_tokens: logits = decoder.step(token, len(tokens) + i)
+
 def generate(model: Model, tokens: list[int] | list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, stop_tokens: Iterable[int] = (), seed: int | None = None,
              adapter_names: list[str] | None = None, cache_prompt: bool = False) -> list[int] | list[list[int]]:
@@ -101,31 +128,15 @@ def generate(model: Model, tokens: list[int] | list[list[int]], max_new_tokens: 
   list of new tokens per row (the rows sit at the same positions, each fed its own prompt and then its own samples).
   With `adapter_names` (one adapter name per prompt, "__base__" for none) every row decodes with its own adapter in
   that same batched pass."""
-  if max_new_tokens < 0: raise LoraError(f"max_new_tokens must be >= 0, found {max_new_tokens}")
-  if temperature < 0: raise LoraError(f"temperature must be >= 0, found {temperature}")
-  if not 0 < top_p <= 1: raise LoraError(f"top_p must be in (0, 1], found {top_p}")
   batched = isinstance(tokens, list) and bool(tokens) and isinstance(tokens[0], list)
   prompts = tokens if batched else [tokens]
   if adapter_names is not None and (not batched or len(tokens) != len(adapter_names)):
     raise LoraError(f"with adapter_names, tokens must be a list of {len(adapter_names)} prompt(s), one per adapter name")
   if batched and not all(isinstance(p, list) for p in prompts):
     raise LoraError("tokens must be one prompt (a list of token ids) or a list of prompts, not a mix")
-  for prompt in prompts:
-    if not prompt: raise LoraError("generate needs at least one prompt token")
-    if (bad := [t for t in prompt if not 0 <= t < model.config.vocab_size]):
-      raise LoraError(f"prompt token {bad[0]} is outside the vocabulary of {model.config.vocab_size}")
+  _check(model, prompts, max_new_tokens, temperature, top_p)
   stop, rng = set(stop_tokens), np.random.default_rng(seed)
-  if not batched:
-    if max_new_tokens == 0: return []
-    decoder = decoder_for(model, len(tokens) + max_new_tokens)
-    if not cache_prompt: decoder.tokens = []
-    logits, out = decoder.prefill(tokens), []
-    for i in range(max_new_tokens):
-      token = sample(logits, temperature, top_p, rng)
-      if token in stop: break
-      out.append(token)
-      if i + 1 < max_new_tokens: logits = decoder.step(token, len(tokens) + i)
-    return out
+  if not batched: return list(_stream(model, tokens, max_new_tokens, temperature, top_p, stop, rng, cache_prompt))
   decoder = decoder_for(model, max(map(len, prompts)) + max_new_tokens, len(prompts), adapter_names and tuple(adapter_names))
   outs, done = [[] for _ in prompts], [max_new_tokens == 0] * len(prompts)
   fed = [p[0] for p in prompts]

@@ -67,6 +67,10 @@ def load_tokenizer(path: str | os.PathLike) -> HFTokenizer:
   path = pathlib.Path(path)
   return MODEL_FORMATS[_detect(MODEL_FORMATS, path) or "hf"].read_tokenizer(path)  # hf also reads a tokenizer.json given as is
 
+def detect_model_format(path: str | os.PathLike) -> str | None:
+  """The name of the format of the model at `path` (a key of MODEL_FORMATS), None when none detects it."""
+  return _detect(MODEL_FORMATS, pathlib.Path(path))
+
 # ---------------------------------------------------------------- adapters
 
 def detect_adapter_format(path: str | os.PathLike) -> str:
