@@ -4,7 +4,7 @@ directories the tests write with random weights, norm weights away from 0 and 1,
 sliding windows. The per-layer window and RoPE of each test model are written out here by hand, not derived."""
 import json
 import numpy as np, pytest
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 from tinygrad import Context, Tensor
 import tinylora as tl
 from tinylora import LoraConfig, LoraError, load_adapter, load_pretrained, save_adapter
@@ -219,3 +219,87 @@ def test_training_loss_and_gradient_under_the_window(tmp_path, functions):
     d = np.zeros_like(A_np); d[idx] = eps
     numeric[idx] = (ref_loss(A_np + d) - ref_loss(A_np - d)) / (2 * eps)
     assert grad.numpy()[idx] == pytest.approx(numeric[idx], abs=1e-5, rel=1e-3), idx
+
+# ---- bad input: LoraError naming the field or key, nothing built
+
+@pytest.mark.parametrize("edit, message", [
+  (dict(layer_types=["full_attention"]), r"layer_types must list 3 entries"),
+  (dict(layer_types=["full_attention", "chunked_attention", "full_attention"]),
+   r"layer_types must list 3 entries of 'full_attention' / 'sliding_attention'"),
+  (dict(head_dim=None, hidden_size=30), r"hidden_size 30 does not divide into num_attention_heads 4; give head_dim"),
+  (dict(sliding_window=None), r"sliding_attention layers need a positive sliding_window, found None"),
+  (dict(hidden_activation="relu"), r"unsupported activation 'relu'"),
+  (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}), r"unsupported rope type 'yarn'"),
+], ids=["layer_types length", "layer kind", "head_dim", "window", "activation", "rope type"])
+def test_bad_config_is_refused_naming_the_field(edit, message):
+  with pytest.raises(LoraError, match=r"config\.json \(gemma3_text\): " + message): ModelConfig.from_hf({**FAMILIES["gemma3_text"], **edit})
+
+@pytest.mark.parametrize("model_type, missing", [
+  ("qwen3_moe", "mixture-of-experts"), ("mixtral", "mixture-of-experts"), ("gpt_oss", "mixture-of-experts"),
+  ("qwen2_moe", "mixture-of-experts"), ("qwen3_next", "hybrid linear attention"), ("qwen3_5", "hybrid linear attention"),
+  ("lfm2", "hybrid linear attention"), ("gemma3n", "per-layer embeddings"), ("gemma4", "per-layer embeddings"),
+  ("gemma3", "a vision tower")])
+def test_families_not_supported_say_what_they_need(model_type, missing):
+  with pytest.raises(LoraError, match=rf"model_type '{model_type}' is not supported: tinylora's decoder has no {missing}"):
+    ModelConfig.from_hf({**BASE, "model_type": model_type})
+
+@pytest.mark.parametrize("name, edit, message", [
+  ("qwen3", lambda w: w.pop("model.layers.1.self_attn.q_norm.weight"), r"tensor 'model.layers.1.self_attn.q_norm.weight' of shape \(16,\) is missing"),
+  ("gemma2", lambda w: w.pop("model.layers.0.post_feedforward_layernorm.weight"),
+   r"tensor 'model.layers.0.post_feedforward_layernorm.weight' of shape \(32,\) is missing"),
+  ("phi3", lambda w: w.update({"model.layers.0.self_attn.q_proj.weight": w.pop("model.layers.0.self_attn.qkv_proj.weight")[:32]}),
+   r"tensor 'model.layers.0.self_attn.qkv_proj.weight' of shape \(64, 32\) is missing"),
+  ("olmo2", lambda w: w.update({"model.layers.1.input_layernorm.weight": np.ones(32, np.float32)}),
+   r"unexpected tensor 'model.layers.1.input_layernorm.weight'"),
+  ("llama", lambda w: w.update({"model.layers.0.self_attn.q_norm.weight": np.ones(8, np.float32)}),
+   r"unexpected tensor 'model.layers.0.self_attn.q_norm.weight'"),
+  ("olmo2", lambda w: w.update({"model.layers.0.self_attn.q_norm.weight": np.ones(8, np.float32)}),
+   r"tensor 'model.layers.0.self_attn.q_norm.weight' has shape \(8,\), expected \(32,\)"),
+], ids=["qwen3 q_norm", "gemma2 post_feedforward_layernorm", "phi3 unfused", "olmo2 input norm", "llama q_norm", "olmo2 per-head norm"])
+def test_checkpoint_without_the_family_tensors_is_refused(tmp_path, name, edit, message):
+  weights = random_weights(FAMILIES[name])
+  edit(weights)
+  with pytest.raises(LoraError, match=r"checkpoint: " + message): load_pretrained(write_model(tmp_path, FAMILIES[name], weights))
+
+# ---- LoRA: the family's default targets
+
+def lazy(name: str) -> Model: return Model(ModelConfig.from_hf(FAMILIES[name]))  # random init never realized
+
+def test_default_lora_targets_are_the_family_defaults():
+  """LoraConfig() with no target_modules adapts PEFT's default modules of each family, and records them."""
+  for name, cfg in FAMILIES.items():
+    model = tl.inject(lazy(name), LoraConfig())
+    names = ["qkv_proj"] if name == "phi3" else ["q_proj", "v_proj"]
+    expected = sorted(f"model.layers.{i}.self_attn.{n}" for i in range(cfg["num_hidden_layers"]) for n in names)
+    assert sorted(tl.lora_layers(model)) == expected, name
+    assert all(l.config.target_modules == names for l in tl.lora_layers(model).values()), name
+
+def test_phi3_fused_adapters_merge_and_round_trip(tmp_path):
+  cfg = FAMILIES["phi3"]
+  base = write_model(tmp_path / "base", cfg, random_weights(cfg))
+  model = load_pretrained(base)
+  Tensor.manual_seed(1)
+  tl.inject(model, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False))
+  tokens = Tensor(TOKENS)
+  unmerged = model(tokens).numpy()
+  tl.merge(model)
+  np.testing.assert_allclose(model(tokens).numpy(), unmerged, atol=1e-5, rtol=1e-5)
+  tl.unmerge(model)
+  for fmt, recorded in [("peft", lambda c: c["target_modules"] == ["qkv_proj"]),
+                        ("mlx", lambda c: c["lora_parameters"]["keys"] == ["self_attn.qkv_proj"])]:
+    save_adapter(model, tmp_path / fmt, format=fmt)
+    assert recorded(json.loads((tmp_path / fmt / "adapter_config.json").read_text()))
+    np.testing.assert_allclose(load_adapter(load_pretrained(base), tmp_path / fmt)(tokens).numpy(), unmerged, atol=1e-5, rtol=1e-5)
+
+def test_peft_file_without_targets_loads_with_the_family_default(tmp_path):
+  """PEFT writes target_modules null when they were left to the model type's default: read the same way."""
+  model = tl.inject(lazy("phi3"), LoraConfig(r=2, init_lora_weights=False))
+  save_adapter(model, tmp_path)
+  cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+  (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": None}))
+  save_file(load_file(str(tmp_path / "adapter_model.safetensors")), str(tmp_path / "adapter_model.safetensors"))  # as PEFT writes it
+  loaded = load_adapter(lazy("phi3"), tmp_path, format="peft")
+  assert sorted(tl.lora_layers(loaded)) == ["model.layers.0.self_attn.qkv_proj", "model.layers.1.self_attn.qkv_proj"]
+  for path, layer in tl.lora_layers(loaded).items():
+    np.testing.assert_array_equal(layer.lora_B.numpy(), tl.lora_layers(model)[path].lora_B.numpy())
