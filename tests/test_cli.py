@@ -144,3 +144,20 @@ def test_train_loss_on_assistant_replies_by_default(tmp_path):
   assert parsed("-c", str(config)) == "all" and parsed("-c", str(config), "--mask-prompt") == "last"
   config.write_text(json.dumps({"loss_on": "everything"}))
   with pytest.raises(LoraError, match="loss_on must be one of assistant, last, all"): parsed("-c", str(config))
+
+def test_generate_on_a_gemma3_directory(capsys, tmp_path, model_dir):
+  """Another family than llama (sandwich norms, q/k norms, a sliding layer) through `tinylora generate`: the library's
+  greedy generation."""
+  import shutil
+  from tinylora import load_tokenizer
+  from tinylora.generate import generate
+  cfg = dict(CONFIG, model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], head_dim=16, query_pre_attn_scalar=16,
+             sliding_window=4, layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
+  Tensor.manual_seed(1)
+  save_pretrained(Model.from_config(cfg), tmp_path)
+  for name in ("tokenizer.json", "tokenizer_config.json"): shutil.copy(model_dir / name, tmp_path / name)
+  tok, model = load_tokenizer(tmp_path), load_pretrained(tmp_path)
+  assert model.config.model_type == "gemma3_text"
+  want = tok.decode(generate(model, tok.encode("the sky is"), 6, stop_tokens=[tok.eos_id]), skip_special_tokens=True)
+  rc, out, err = run(capsys, "generate", "--model", tmp_path, "--prompt", "the sky is", "--max-tokens", 6)
+  assert rc == 0 and out == want + "\n", err

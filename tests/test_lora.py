@@ -124,6 +124,33 @@ def test_gqa_shapes_and_parameter_counts(tiny_lm):
   params = nn.state.get_state_dict(tiny_lm)
   assert {k for k, t in params.items() if t.is_param} == {k for k in params if ".lora_" in k}
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_quantized_model_counts_the_parameters_it_stands_for(tied):
+  """A packed weight counts rows x cols of the matrix it stands for (its scales and biases not at all): the total of a
+  quantized model equals the float model's, counted by hand from the config."""
+  from tinylora.models import Model
+  from tinylora.quant import QuantizedLinear, quantize
+  cfg = dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=64, tie_word_embeddings=tied)
+  D, F, V, kv = 64, 96, 64, 32
+  per_layer = D * D + 2 * kv * D + (D + 2 * kv) + D * D + 3 * D * F + 2 * D  # q k v (+ their biases) o, MLP, 2 norms
+  expected = V * D * (1 if tied else 2) + 2 * per_layer + D
+  model = Model.from_config(cfg)
+  assert tl.count_parameters(model) == (0, expected)
+  quantize(model, bits=4, group_size=32)
+  assert isinstance(model.model.layers[0].self_attn.q_proj, QuantizedLinear)
+  assert tl.count_parameters(model) == (0, expected)
+  tl.inject(model, LoraConfig(r=2))  # the default targets: q_proj and v_proj
+  trainable = 2 * (2 * (D + D) + 2 * (D + kv))
+  assert tl.count_parameters(model) == (trainable, expected + trainable)
+
+def test_default_targets_of_a_model_without_a_family(tiny_lm):
+  """With no target_modules, a model without a config (no family) gets q_proj and v_proj, which its adapters record."""
+  tl.inject(tiny_lm, LoraConfig(r=2))
+  assert sorted(tl.lora_layers(tiny_lm)) == [f"model.layers.{i}.self_attn.{n}" for i in range(3) for n in ("q_proj", "v_proj")]
+  assert all(l.config.target_modules == ["q_proj", "v_proj"] for l in tl.lora_layers(tiny_lm).values())
+  assert LoraConfig().target_modules is None  # resolved at injection, the config itself left as given
+
 def test_scaling_rslora_and_patterns(tiny_lm):
   tl.inject(tiny_lm, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True,
                                 rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 4}))

@@ -1,5 +1,6 @@
-"""Llama/Mistral/Qwen2 loading, saving and forward, checked against an independent numpy reference forward on tiny
-HF-layout checkpoints that the tests write themselves."""
+"""Model files (HF directories: shards, dtypes, saving, bad files), config reading and the forward of the Llama-shaped
+families (llama, mistral, qwen2), checked against an independent numpy reference forward on tiny HF-layout checkpoints
+that the tests write themselves. What sets the other families apart is checked in test_architectures.py."""
 import json, struct
 import numpy as np, pytest
 from safetensors.numpy import load_file, save_file

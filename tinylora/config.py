@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 from tinylora.errors import LoraError
 
 ALL_LINEAR = "all-linear"
+# target_modules=None means the model family's default (PEFT's per model type), which inject resolves; this one for a
+# model that names none (and for matching an unresolved config)
+DEFAULT_TARGETS = ("q_proj", "v_proj")
 # Output heads that "all-linear" leaves alone, as PEFT does.
 HEAD_NAMES = ("lm_head", "output", "embed_out")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
@@ -31,14 +34,15 @@ class LoraConfig:
   """LoRA hyperparameters, named as in HF PEFT's LoraConfig.
 
   target_modules: module names (a module matches when its dotted path equals the name or ends with "." + name),
-  a regex string matched against the whole path, or "all-linear" (every linear except the output head).
+  a regex string matched against the whole path, "all-linear" (every linear except the output head), or None (the
+  default): the model family's default, as PEFT's (q_proj and v_proj; Phi-3's fused qkv_proj), resolved by inject.
   init_lora_weights: True (A as nn.Linear's kaiming-uniform init, B = 0, so the adapter starts as the identity),
   "gaussian" (A normal with standard deviation 1/r, as PEFT draws it; B = 0) or False (A and B both random: for tests).
   use_dora: DoRA (weight-decomposed LoRA): each row of W + scale * B @ A is normalised and scaled by a trained magnitude."""
   r: int = 8
   lora_alpha: float = 8
   lora_dropout: float = 0.0
-  target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+  target_modules: list[str] | str | None = None
   use_rslora: bool = False
   layers_to_transform: list[int] | None = None
   init_lora_weights: bool | str = True
@@ -58,10 +62,10 @@ class LoraConfig:
       check(bool(self.target_modules), "target_modules", self.target_modules, "a non-empty regex or 'all-linear'")
       try: re.compile(self.target_modules)
       except re.error as e: raise LoraError(f"LoraConfig.target_modules = {self.target_modules!r} is not a valid regex: {e}")
-    else:
+    elif self.target_modules is not None:
       check(isinstance(self.target_modules, list) and len(self.target_modules) > 0 and
             all(isinstance(t, str) and t for t in self.target_modules), "target_modules", self.target_modules,
-            "a non-empty list of module names, a regex string, or 'all-linear'")
+            "a non-empty list of module names, a regex string, 'all-linear' or None")
     check(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "True or False")
     check(isinstance(self.use_dora, bool), "use_dora", self.use_dora, "True or False")
     if is_int(self.layers_to_transform): self.layers_to_transform = [self.layers_to_transform]
@@ -84,7 +88,7 @@ class LoraConfig:
     """Whether the linear at dotted `path` gets an adapter (PEFT's matching rules)."""
     if self.target_modules == ALL_LINEAR: hit = path.rsplit(".", 1)[-1] not in HEAD_NAMES
     elif isinstance(self.target_modules, str): hit = re.fullmatch(self.target_modules, path) is not None
-    else: hit = any(path == t or path.endswith("." + t) for t in self.target_modules)
+    else: hit = any(path == t or path.endswith("." + t) for t in self.target_modules or DEFAULT_TARGETS)
     if hit and self.layers_to_transform is not None: hit = layer_index(path) in self.layers_to_transform
     return hit
 

@@ -1,13 +1,13 @@
 """The LoRA linear (LoRA and DoRA, several named adapters per linear) and the functions that put adapters into a
 model, choose the active one, count, merge and remove them."""
 from __future__ import annotations
-import contextlib, math, warnings
+import contextlib, dataclasses, math, warnings
 from typing import Any, Callable, Iterator
 from tinygrad import Tensor, dtypes, nn
-from tinylora.config import LoraConfig
+from tinylora.config import DEFAULT_TARGETS, LoraConfig
 from tinylora.errors import LoraError
 from tinylora.device_policy import base_forward, merge_on_the_fly
-from tinylora.quant import QuantizedLinear, linear_shape
+from tinylora.quant import QuantizedEmbedding, QuantizedLinear, linear_shape
 from tinylora.tree import named_modules, replace_module, unique_state_dict
 
 DEFAULT = "default"  # the adapter name when none is given, as in PEFT
@@ -213,11 +213,20 @@ def adaptable_linears(model: Any) -> dict[str, tuple[int, int]]:
   """(out, in) of every linear in the model that an adapter could wrap, by dotted path."""
   return {p: linear_shape(m.base if isinstance(m, LoraLinear) else m) for p, m, _, _ in _linears(model)}
 
+def with_targets(model: Any, config: LoraConfig) -> LoraConfig:
+  """`config`, its target_modules=None (the default) replaced by the model family's default names
+  (model.config.arch.lora_targets, as PEFT's for the model type; q_proj and v_proj for a model without one)."""
+  if config.target_modules is not None: return config
+  arch = getattr(getattr(model, "config", None), "arch", None)
+  return dataclasses.replace(config, target_modules=list(getattr(arch, "lora_targets", DEFAULT_TARGETS)))
+
 def inject(model: Any, config: LoraConfig, make: Callable[[str, Any], dict] | None = None, adapter_name: str = DEFAULT) -> Any:
   """Adds adapter `adapter_name` to every linear that `config` targets, in place, and freezes all other tensors. The
   model's first adapter becomes the active one; a later one waits beside it until set_adapter chooses it (as in PEFT).
   `make(path, base)` may give the keyword arguments of LoraLinear.add_adapter instead (load_adapter does, from file
-  tensors); every adapter is built before the model is changed. Returns the model."""
+  tensors); every adapter is built before the model is changed. The adapters record `config` with its targets resolved
+  (with_targets). Returns the model."""
+  config = with_targets(model, config)
   if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE:
     raise LoraError(f"adapter_name={adapter_name!r}: expected a non-empty name other than {BASE!r}")
   if adapter_name in (names := list_adapters(model)):
@@ -278,9 +287,14 @@ def trainable_parameters(model: Any) -> list[Tensor]:
   return [t for layer in lora_layers(model).values() for t in layer.adapter.parameters()]
 
 def count_parameters(model: Any) -> tuple[int, int]:
-  """(trainable, total) parameter counts; shared (tied) tensors count once, quantized weights by stored elements."""
+  """(trainable, total) parameter counts; shared (tied) tensors count once, and a packed (quantized) weight counts the
+  rows x cols of the matrix it stands for, its packing's scales and biases not at all."""
   trainable = sum(t.numel() for t in trainable_parameters(model))
-  total = sum(t.numel() for t in unique_state_dict(model).values())
+  logical: dict[int, int] = {}  # by id: a packed layer's uint32 codes hold 32 / bits values each
+  for _, m, _, _ in named_modules(model):
+    if isinstance(m, (QuantizedLinear, QuantizedEmbedding)):
+      logical |= {id(m.weight): m.weight.numel() * 32 // m.bits, id(m.scales): 0, id(m.biases): 0}
+  total = sum(logical.get(id(t), t.numel()) for t in unique_state_dict(model).values())
   return trainable, total
 
 def merge(model: Any) -> Any:

@@ -11,7 +11,7 @@ from tinygrad.dtype import DType
 from tinylora.config import LoraConfig
 from tinylora.errors import LoraError
 from tinylora.io import check_arrays, read_json, read_safetensors, write_json, write_safetensors
-from tinylora.lora import Adapter, adaptable_linears, inject, list_adapters, lora_layers
+from tinylora.lora import Adapter, adaptable_linears, inject, list_adapters, lora_layers, with_targets
 from tinylora.models.decoder import Model
 from tinylora.tree import unique_state_dict
 
@@ -85,7 +85,7 @@ class AdapterFile:
 def inject_checked(model: Any, file: AdapterFile, adapter_name: str) -> Any:
   """Checks every key and shape of `file` against what its config builds on this model, then injects it as adapter
   `adapter_name`: on any error the model is left exactly as it was."""
-  config, key = file.config, file.key
+  config, key = with_targets(model, file.config), file.key
   linears = {p: s for p, s in adaptable_linears(model).items() if config.matches(p)}
   if not linears:
     raise LoraError(f"{file.config_file}: target_modules={config.target_modules!r} matches no linear in the model; "

@@ -20,7 +20,9 @@ _UNSUPPORTED = {"modules_to_save": None, "bias": "none", "fan_in_fan_out": False
 
 def config_dict(config: LoraConfig, layers: dict[str, Adapter]) -> dict:
   targets = config.target_modules
-  if targets == ALL_LINEAR: targets = sorted(layers)  # PEFT saves "all-linear" as the full paths it resolved
+  # PEFT saves "all-linear" as the full paths it resolved; None (the family default, resolved by inject before any
+  # adapter is saved) likewise, so that a file never records no targets
+  if targets in (ALL_LINEAR, None): targets = sorted(layers)
   return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.lora_alpha,
           "lora_dropout": config.lora_dropout, "target_modules": targets, "use_rslora": config.use_rslora,
           "layers_to_transform": config.layers_to_transform, "layers_pattern": None,
