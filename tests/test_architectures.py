@@ -307,3 +307,23 @@ def test_peft_file_without_targets_loads_with_the_family_default(tmp_path):
   assert sorted(tl.lora_layers(loaded)) == ["model.layers.0.self_attn.qkv_proj", "model.layers.1.self_attn.qkv_proj"]
   for path, layer in tl.lora_layers(loaded).items():
     np.testing.assert_array_equal(layer.lora_B.numpy(), tl.lora_layers(model)[path].lora_B.numpy())
+
+def test_config_fields_read_as_transformers_reads_them():
+  """Hub-style configs: Phi-3's top-level original_max_position_embeddings wins over the rope dict's (and a transformers-4
+  `rope_scaling` of type longrope without it is read); a config.json that leaves out Gemma's fields gets transformers'
+  defaults, an explicit null wins over them; Gemma 3 ignores attn_logit_softcapping, as its attention does."""
+  old_style = {k: v for k, v in FAMILIES["phi3"].items() if k != "rope_parameters"}
+  old_style |= {"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4},
+                "original_max_position_embeddings": 8, "partial_rotary_factor": 1.0}
+  rope = ModelConfig.from_hf(old_style).rope
+  assert rope.kind == "longrope" and dict(rope.scaling)["original_max_position_embeddings"] == 8
+  both = dict(FAMILIES["phi3"], original_max_position_embeddings=5)
+  assert dict(ModelConfig.from_hf(both).rope.scaling)["original_max_position_embeddings"] == 5
+  bare = {k: v for k, v in FAMILIES["gemma2"].items() if k not in ("head_dim", "query_pre_attn_scalar", "sliding_window",
+                                                                   "attn_logit_softcapping", "final_logit_softcapping")}
+  c = ModelConfig.from_hf(bare)
+  assert (c.head_dim, c.attention_scale, c.sliding_window, c.attn_logit_softcapping, c.final_logit_softcapping) == \
+         (256, 256 ** -0.5, 4096, 50.0, 30.0)
+  assert ModelConfig.from_hf(dict(bare, final_logit_softcapping=None)).final_logit_softcapping is None
+  assert ModelConfig.from_hf(dict(FAMILIES["gemma3_text"], attn_logit_softcapping=0.5)).attn_logit_softcapping is None
+  assert ModelConfig.from_hf(dict(FAMILIES["mistral"], sliding_window=None)).sliding_window is None

@@ -44,6 +44,7 @@ class Architecture:
   config_bias: bool = False           # attention_bias (q/k/v/o) and mlp_bias come from the config
   fused: bool = False                 # qkv_proj and gate_up_proj instead of q/k/v_proj and gate/up_proj (Phi-3)
   embed_scale_sqrt: bool = False      # embeddings times sqrt(hidden_size) (Gemma)
+  attn_softcap: bool = False          # the config's attn_logit_softcapping caps attention scores (Gemma 2; Gemma 3 ignores it)
   layer_types: Callable[[dict], list[str]] = _all_full  # when the config does not list them
   rope_theta: float = 10000.0         # the default base
   local_rope_theta: float | None = None  # the base of sliding layers, when it differs (Gemma 3)
@@ -51,19 +52,25 @@ class Architecture:
   permute_qk: bool = False            # llama.cpp's converter permutes Q/K rows for interleaved RoPE
   aliases: tuple[str, ...] = ()       # other `architectures` names that load as this family
   lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # LoraConfig's default target_modules (PEFT's for the family)
+  defaults: tuple[tuple[str, object], ...] = ()  # transformers' config defaults for fields a config.json may leave out
 
 ARCHITECTURES: dict[str, Architecture] = {
   "llama": Architecture("LlamaForCausalLM", "llama", config_bias=True, permute_qk=True),
-  "mistral": Architecture("MistralForCausalLM", "llama", layer_types=_all_sliding, permute_qk=True),
+  "mistral": Architecture("MistralForCausalLM", "llama", layer_types=_all_sliding, permute_qk=True,
+                          defaults=(("sliding_window", 4096),)),
   "qwen2": Architecture("Qwen2ForCausalLM", "qwen2", qkv_bias=True, layer_types=_qwen_window),
   "qwen3": Architecture("Qwen3ForCausalLM", "qwen3", qk_norm="head", config_bias=True, layer_types=_qwen_window,
                         rope_theta=1e6),
   "gemma2": Architecture("Gemma2ForCausalLM", "gemma2", norms="sandwich", norm_plus_one=True, activation="gelu_pytorch_tanh",
-                         embed_scale_sqrt=True, config_bias=True, layer_types=_every(2)),
+                         embed_scale_sqrt=True, attn_softcap=True, config_bias=True, layer_types=_every(2),
+                         defaults=(("head_dim", 256), ("query_pre_attn_scalar", 256), ("sliding_window", 4096),
+                                   ("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0))),
   "gemma3_text": Architecture("Gemma3ForCausalLM", "gemma3", norms="sandwich", norm_plus_one=True, qk_norm="head",
                               activation="gelu_pytorch_tanh", embed_scale_sqrt=True, config_bias=True, layer_types=_every(6),
-                              rope_theta=1e6, local_rope_theta=1e4),
-  "phi3": Architecture("Phi3ForCausalLM", "phi3", fused=True, layer_types=_all_sliding, lora_targets=("qkv_proj",)),
+                              rope_theta=1e6, local_rope_theta=1e4,
+                              defaults=(("head_dim", 256), ("query_pre_attn_scalar", 256), ("sliding_window", 4096))),
+  "phi3": Architecture("Phi3ForCausalLM", "phi3", fused=True, layer_types=_all_sliding, lora_targets=("qkv_proj",),
+                       defaults=(("original_max_position_embeddings", 4096),)),
   "smollm3": Architecture("SmolLM3ForCausalLM", "smollm3", config_bias=True, no_rope=True, layer_types=_smollm3_window,
                            rope_theta=2e6, permute_qk=True),
   "olmo2": Architecture("Olmo2ForCausalLM", "olmo2", norms="post", qk_norm="projection", config_bias=True, rope_theta=5e5),
@@ -187,6 +194,7 @@ class ModelConfig:
     """Builds the config from a Hugging Face `config.json` dict; raises LoraError for anything this decoder cannot run."""
     model_type = model_type_of(cfg)
     arch = ARCHITECTURES[model_type]
+    hf, cfg = dict(cfg), {**dict(arch.defaults), **cfg}  # an explicit null in the file wins (e.g. no sliding_window)
     where = f"config.json ({model_type})"
     try:
       heads, hidden, layers = cfg["num_attention_heads"], cfg["hidden_size"], cfg["num_hidden_layers"]
@@ -218,8 +226,8 @@ class ModelConfig:
                  mlp_bias=arch.config_bias and bool(cfg.get("mlp_bias", False)), hidden_act=act, attention_scale=float(scale),
                  embedding_multiplier=math.sqrt(hidden) if arch.embed_scale_sqrt else float(cfg.get("embedding_multiplier", 1.0)),
                  residual_multiplier=float(cfg.get("residual_multiplier", 1.0)), logits_scaling=float(cfg.get("logits_scaling", 1.0)),
-                 attn_logit_softcapping=cfg.get("attn_logit_softcapping"), final_logit_softcapping=cfg.get("final_logit_softcapping"),
-                 hf=dict(cfg))
+                 attn_logit_softcapping=cfg.get("attn_logit_softcapping") if arch.attn_softcap else None,
+                 final_logit_softcapping=cfg.get("final_logit_softcapping"), hf=hf)
     except KeyError as e: raise LoraError(f"{where} lacks required field {e.args[0]!r}") from e
 
   def to_hf(self) -> dict:
@@ -235,6 +243,9 @@ def _ropes(cfg: dict, arch: Architecture, head_dim: int, where: str) -> tuple[Ro
   per_type = FULL in params or SLIDING in params
   full = dict(params.get(FULL) or {}) if per_type else dict(params)
   if not per_type and cfg.get("rope_scaling"): full = {**cfg["rope_scaling"], **full}
+  if full.get("rope_type", full.get("type")) in ("llama3", "longrope"):  # as transformers: a top-level value wins
+    if "original_max_position_embeddings" in cfg: full["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+    full.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 2048))
   partial = full.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
   dim = int(head_dim * partial)
   if dim % 2 or dim <= 0: raise LoraError(f"{where}: partial_rotary_factor {partial} gives {dim} rotary dimensions, not a positive even number")
