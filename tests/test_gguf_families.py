@@ -30,13 +30,15 @@ FAMILIES = {
   "olmo2": dict(rope_theta=1e4),
   "granite": dict(attention_multiplier=0.2, embedding_multiplier=3.0, residual_multiplier=0.5, logits_scaling=2.0, rope_theta=1e4),
 }
-VOCAB = FrozenMapping({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": [f"t{i}" for i in range(64)],
-                       "tokenizer.ggml.token_type": [1] * 64, "tokenizer.ggml.merges": ["t 0"]})
+VOCAB = FrozenMapping({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": [f"t{i}" for i in range(64)],
+                       "tokenizer.ggml.token_type": [1] * 64, "tokenizer.ggml.merges": ["t 0"], "tokenizer.ggml.bos_token_id": 1,
+                       "tokenizer.ggml.eos_token_id": 2})
 
-def make(model_type: str) -> Model:
-  """A random model of the family with every norm perturbed (Gemma's stored 1 + w would hide behind zeros)."""
+def make(model_type: str, **changes) -> Model:
+  """A random model of the family (its FAMILIES config with `changes`) with every norm perturbed (Gemma's stored 1 + w
+  would hide behind zeros); the same weights whatever the changes that keep the shapes."""
   Tensor.manual_seed(sorted(FAMILIES).index(model_type))
-  m = Model.from_config({**BASE, "model_type": model_type, **FAMILIES[model_type]})
+  m = Model.from_config({**BASE, "model_type": model_type, **FAMILIES[model_type], **changes})
   rng = np.random.default_rng(0)
   for key, t in unique_state_dict(m).items():
     if key.endswith("norm.weight"): t.replace(Tensor(t.numpy() + rng.normal(0, 0.2, t.shape).astype(np.float32)).realize())
@@ -115,6 +117,9 @@ def write_like_converter(path, model: Model, model_type: str) -> None:
   names = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
   w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
   converter_metadata(w, model_type, cfg)
+  w.add_tokenizer_model("gpt2"); w.add_tokenizer_pre("default"); w.add_token_list(VOCAB["tokenizer.ggml.tokens"])
+  w.add_token_types(VOCAB["tokenizer.ggml.token_type"]); w.add_token_merges(VOCAB["tokenizer.ggml.merges"])
+  w.add_bos_token_id(1); w.add_eos_token_id(2)
   for key, t in unique_state_dict(model).items():
     a = t.numpy().astype(np.float32)
     if key.endswith("norm.weight") and model_type.startswith("gemma"): a = a + 1  # "data_torch + 1"
