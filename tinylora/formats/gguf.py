@@ -237,18 +237,22 @@ def writer(path: str | os.PathLike, config: ModelConfig, kind: str) -> Iterator[
   """Yields (GGUFWriter, the gguf package) for one file of general.type `kind` ("model" or "adapter") of a model with
   `config`; on leaving, writes header, metadata and tensors and renames the file into place atomically."""
   gguf = gguf_package()
-  if (arch := config.arch.gguf) not in gguf.MODEL_ARCH_NAMES.values():
-    raise LoraError(f"llama.cpp defines no GGUF architecture {arch!r} (model_type {config.model_type!r})")
+  llama_cpp_arch(gguf, config)
   with atomic_path(path) as tmp:
-    w = gguf.GGUFWriter(str(tmp), arch)
+    w = gguf.GGUFWriter(str(tmp), config.arch.gguf)
     w.add_type(kind)
     yield w, gguf
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
 
-def defined_tensors(gguf: Any, arch: str) -> set[str]:
-  """The tensor names (blk.{bid}.attn_q, output, ...) llama.cpp defines for GGUF architecture `arch`."""
-  kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
-  return {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[kind]}
+def llama_cpp_arch(gguf: Any, config: ModelConfig) -> Any:
+  """The gguf package's MODEL_ARCH of a model's family, refused with LoraError where llama.cpp defines none."""
+  if (kind := next((k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == config.arch.gguf), None)) is None:
+    raise LoraError(f"llama.cpp defines no GGUF architecture {config.arch.gguf!r} (model_type {config.model_type!r})")
+  return kind
+
+def defined_tensors(gguf: Any, config: ModelConfig) -> set[str]:
+  """The tensor names (blk.{bid}.attn_q, output, ...) llama.cpp defines for a model's GGUF architecture."""
+  return {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[llama_cpp_arch(gguf, config)]}
 
 def add_value(w, key: str, value) -> None:
   """One metadata value with the GGUF type llama.cpp expects for it (token ids uint32, flags bool, lists typed by item)."""

@@ -188,7 +188,7 @@ def check_carried(c: ModelConfig, kv: dict[str, Any], tensors: dict[str, np.ndar
   architecture, and the config `config_from_gguf` gives for the file must equal the model's in every number (the
   model_type aside: Mistral reads back as Llama)."""
   gguf, arch = gguf_package(), c.arch.gguf
-  defined = defined_tensors(gguf, arch)
+  defined = defined_tensors(gguf, c)
   if bad := [n for n in tensors if re.sub(r"^blk\.\d+\.", "blk.{bid}.", n.rsplit(".", 1)[0]) not in defined]:
     raise LoraError(f"{where}: llama.cpp's {arch!r} architecture has no tensor {bad[0]!r} (this {c.model_type} model's "
                     f"{'untied output head' if bad[0].startswith('output.') else 'tensor'} has no place in its GGUF file)")
