@@ -74,7 +74,7 @@ def test_round_trip_f32_and_q8_0(family, tmp_path):
   q8 = tl.load_pretrained(tmp_path / "q8.gguf", dequantize=True)  # the same kernels as the float model
   np.testing.assert_allclose(q8(TOKENS).numpy(), quantized_reference(model, gguf.GGMLQuantizationType.Q8_0)(TOKENS).numpy(),
                              atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(q8(TOKENS).numpy(), ref, atol=5e-2)  # q8_0 rounding itself, measured up to ~1e-2 here
+  np.testing.assert_allclose(q8(TOKENS).numpy(), ref, atol=5e-2)  # and q8_0 rounding itself stays small
 
 # ---- files written as llama.cpp's converter writes them, independently of tinylora's writer
 
