@@ -41,10 +41,14 @@ def test_f32_round_trip_is_exact_and_f16_within_rounding(model, tmp_path):
   ref = model(TOKENS).numpy()
   save_pretrained(model, tmp_path / "f32.gguf", format="gguf", quantization="f32")
   np.testing.assert_array_equal(load_pretrained(tmp_path / "f32.gguf", dtype=dtypes.float32)(TOKENS).numpy(), ref)
+  f32 = load_pretrained(tmp_path / "f32.gguf")  # HF's dtype policy: a file of float32 tensors loads as float32
+  assert f32.dtype == dtypes.float32
+  np.testing.assert_array_equal(f32(TOKENS).numpy(), ref)
   save_pretrained(model, tmp_path / "f16.gguf", format="gguf", quantization="f16")
   back = load_pretrained(tmp_path / "f16.gguf")
-  assert back.dtype == dtypes.float16  # GGUF's non-packed tensors load as float16 by default
+  assert back.dtype == dtypes.float32  # its norms are float32, as llama.cpp's converter writes them
   np.testing.assert_allclose(back(TOKENS).numpy(), ref, atol=2e-2)
+  assert load_pretrained(tmp_path / "f16.gguf", dtype=dtypes.float16).dtype == dtypes.float16
 
 def reference_model(model: Model, quant) -> Model:
   """The model with every 2-D weight replaced by gguf's own quantize -> dequantize (the independent reference)."""
@@ -100,8 +104,8 @@ def test_tokenizer_metadata_is_carried_in_declared_read_only_fields(model, tmp_p
 
 def test_names_and_qk_permutation_invert():
   m = Model.from_config(config())
-  for key in nn_state(m): assert hf_name(gguf_name(key)) == key
-  assert gguf_name("model.layers.3.self_attn.q_proj.weight") == "blk.3.attn_q.weight"
+  for key in nn_state(m): assert hf_name(gguf_name(key, m.config.arch), m.config.arch) == key
+  assert gguf_name("model.layers.3.self_attn.q_proj.weight", m.config.arch) == "blk.3.attn_q.weight"
   w = np.arange(8 * 16 * 3).reshape(8 * 16, 3)
   assert (unpermute_qk(permute_qk(w, 4), 4) == w).all() and not (permute_qk(w, 4) == w).all()
   # convert_hf_to_gguf interleaves the two rotate_half halves of each head: rows (0, 8, 1, 9, ...) of a 16-row head
@@ -118,7 +122,7 @@ def test_adapter_in_llama_cpps_lora_format(tmp_path):
   tensors = {t.name: np.array(t.data) for t in r.tensors}
   assert len(tensors) == 2 * 3 * 2
   for path, layer in tl.lora_layers(m).items():
-    name = gguf_name(f"{path}.weight")
+    name = gguf_name(f"{path}.weight", m.config.arch)
     A, B = tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"]
     heads = {"q_proj": 4, "k_proj": 2}.get(path.rsplit(".", 1)[1])
     W = layer.base.weight.numpy()
@@ -208,7 +212,8 @@ def test_smollm2_layout_and_name_mapping():
                               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")} == dict(
     hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
     head_dim=64, vocab_size=49152, tie_word_embeddings=True)
-  assert {hf_name(n) for n in tensors} == set(nn_state(Model(ModelConfig.from_hf(cfg))))  # lazy init: nothing runs
+  model = Model(ModelConfig.from_hf(cfg))  # lazy init: nothing runs
+  assert {hf_name(n, model.config.arch) for n in tensors} == set(nn_state(model))
   assert {tensors[n].ggml_type for n in tensors if n.startswith("blk.") and n.endswith("_q.weight")} == {3}  # Q4_1
 
 def test_smollm2_tokenizer_and_chat_template():

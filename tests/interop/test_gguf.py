@@ -2,12 +2,13 @@
 equal transformers'; GGUF files tinylora writes load in transformers and in llama.cpp with tinylora's logits; a
 llama.cpp LoRA adapter tinylora writes, applied by llama.cpp to its base, equals tinylora's adapted model."""
 from __future__ import annotations
-import dataclasses, importlib.metadata, pathlib, warnings
+import importlib.metadata, pathlib, warnings
 import numpy as np, pytest
 from tinygrad import Tensor, dtypes
 import tinylora as tl
 from tinylora import load_pretrained, load_tokenizer, save_pretrained
-from tinylora.models import Model
+from tinylora.models import Model, ModelConfig
+from tinylora.tree import unique_state_dict
 from .common import assert_close
 
 pytestmark = pytest.mark.interop
@@ -63,8 +64,9 @@ def written(tmp_path_factory, smollm2):
                                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}))
   save_pretrained(scaled, path / "rope-scaled-f32.gguf", format="gguf", quantization="f32", tokenizer=tokenizer)
   logits["rope-scaled"] = scaled(Tensor([PROMPT])).numpy()
-  scaled.config = dataclasses.replace(scaled.config, rope_scaling=())
-  logits["rope-unscaled"] = scaled(Tensor([PROMPT])).numpy()
+  unscaled = Model(ModelConfig.from_hf(dict(cfg, rope_theta=1e4)))  # the same weights with plain RoPE
+  for key, t in unique_state_dict(unscaled).items(): t.replace(unique_state_dict(scaled)[key])
+  logits["rope-unscaled"] = unscaled(Tensor([PROMPT])).numpy()
   return path, logits
 
 def test_written_gguf_loads_in_transformers(needs_transformers, written):

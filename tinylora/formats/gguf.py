@@ -1,7 +1,9 @@
 """The GGUF container shared by llama.cpp model files, LoRA adapter files and the tokenizers inside them: the header and
 tensor directory (read with tinygrad's own GGUF value readers, through tinylora.engine), tensor data, packed Q4/Q8 repacking,
-HF <-> GGUF tensor names, llama's Q/K row permutation, `rope_freqs`, metadata writing (llama.cpp's `gguf` package, an
-optional extra) and the tokenizer <-> `tokenizer.*` metadata both ways.
+HF <-> GGUF tensor names of every family in tinylora.models.architectures (llama, mistral, qwen2, qwen3, gemma2, gemma3,
+phi3, smollm3, olmo2, granite: norm placement, q/k norms and fused projections from each family's spec), the Q/K row
+permutation of the families whose llama.cpp converter applies it, Gemma's stored 1 + w norms, `rope_freqs`, metadata
+writing (llama.cpp's `gguf` package, an optional extra) and the tokenizer <-> `tokenizer.*` metadata both ways.
 
 Q4_0, Q4_1 and Q8_0 are affine formats with 32 weights per block and a float16 scale (and min), so they are repacked,
 without rounding, into `tinylora.quant`'s layout:
@@ -11,7 +13,7 @@ without rounding, into `tinylora.quant`'s layout:
 (multiplying a float16 by a power of two is exact, and the dequantized values computed in float32 equal llama.cpp's).
 """
 from __future__ import annotations
-import contextlib, io, json, os, pathlib, re, struct
+import contextlib, functools, io, json, os, pathlib, re, struct
 from dataclasses import dataclass
 from typing import Any, Iterator
 import numpy as np
@@ -20,7 +22,7 @@ from tinylora.engine import (GGML_QUANT_BLOCKS, ggml_data_to_tensor, read_int32,
                              read_uint64, readers)
 from tinylora.errors import LoraError
 from tinylora.io import atomic_path
-from tinylora.models.architectures import ModelConfig, Rope
+from tinylora.models.architectures import ARCHITECTURES, Architecture, ModelConfig, Rope
 from tinylora.quant import dequantize_array, pack_array
 from tinylora.tokenizer import HFTokenizer, tokenizers_package
 
@@ -28,12 +30,20 @@ from tinylora.tokenizer import HFTokenizer, tokenizers_package
 PACKED = {2: (4, 18), 3: (4, 20), 8: (8, 34)}
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 _NATIVE = {0: np.float32, 1: np.float16}
-# GGUF tensor name (after "blk.N.") -> HF module name (after "model.layers.N.")
-LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+# GGUF tensor name (after "blk.N.") -> HF module name (after "model.layers.N."), by the family's spec: plain or fused
+# (Phi-3's qkv_proj, and gate_up_proj as one ffn_up holding the gate rows, then the up rows) projections, and the norms
+# where the family places them. HF's post_attention_layernorm is the pre-MLP norm (ffn_norm) of "pre" families but the
+# attention output's norm (post_attention_norm) of "sandwich" (Gemma) and "post" (OLMo2) ones.
+_PROJECTIONS = {False: {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                        "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj"},
+                True: {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}}
+_NORMS = {"pre": {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+          "sandwich": {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                       "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
+          "post": {"post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}}
+_QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_GGUF_NAMES = {hf: gg for gg, hf in LAYER_NAMES.items()} | {hf: gg for gg, hf in TOP_NAMES.items()}
+ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")  # RoPE data, read into the config
 
 # ---------------------------------------------------------------- reading
 
@@ -145,29 +155,51 @@ def permute_qk(w: np.ndarray, heads: int) -> np.ndarray:
   """convert_hf_to_gguf's permutation: the inverse of `unpermute_qk`."""
   return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
+@functools.lru_cache(maxsize=None)
+def layer_names(arch: Architecture) -> dict[str, str]:
+  """GGUF tensor name (after "blk.N.") -> HF module name (after "model.layers.N.") of a family's decoder layer."""
+  return {**_PROJECTIONS[arch.fused], "attn_output": "self_attn.o_proj", "ffn_down": "mlp.down_proj", **_NORMS[arch.norms],
+          **(_QK_NORMS if arch.qk_norm else {})}
+
+@functools.lru_cache(maxsize=None)
+def _gguf_layer_names(arch: Architecture) -> dict[str, str]: return {hf: gg for gg, hf in layer_names(arch).items()}
+_GGUF_TOP_NAMES = {hf: gg for gg, hf in TOP_NAMES.items()}
+
 def qk_heads(config: ModelConfig, key: str) -> int | None:
-  """The head count llama.cpp permutes the rows of HF tensor `key` with: a llama or mistral Q or K projection's (None
-  for anything else, and for qwen2, whose converter keeps HF's order)."""
-  if config.model_type == "qwen2": return None
+  """The head count llama.cpp's converter permutes the rows of HF tensor `key` with: a Q or K projection's, for the
+  families whose spec says it permutes them (None for anything else)."""
+  if not config.arch.permute_qk: return None
   return {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}.get(
     key.rsplit(".", 1)[0].split(".", 3)[-1])
 
-def architecture(config: ModelConfig) -> str:
-  """The GGUF `general.architecture` of a model: its model_type, except Mistral, which llama.cpp runs as llama."""
-  return "llama" if config.model_type == "mistral" else config.model_type
+def norm_shift(key: str, arch: Architecture) -> float:
+  """What llama.cpp's converter adds to HF tensor `key`: 1 to every RMSNorm weight of a family that scales by 1 + w
+  (Gemma), which llama.cpp then scales by as is; 0 otherwise."""
+  return 1.0 if arch.norm_plus_one and key.endswith("norm.weight") else 0.0
 
-def hf_name(name: str) -> str | None:
-  """The HF state-dict key of a GGUF tensor name (blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight)."""
+def family(arch: str, where: str) -> str:
+  """The HF model_type a file of GGUF `general.architecture` `arch` reads as: the family of that name, else the first
+  whose spec writes it (GGUF "llama" reads as llama; Mistral is written as llama, as llama.cpp does)."""
+  if not (types := [t for t, a in ARCHITECTURES.items() if a.gguf == arch]):
+    raise LoraError(f"{where}: GGUF architecture {arch!r} is not supported; supported: "
+                    f"{', '.join(dict.fromkeys(a.gguf for a in ARCHITECTURES.values()))}")
+  return arch if arch in types else types[0]
+
+def hf_name(name: str, arch: Architecture) -> str | None:
+  """The HF state-dict key of a GGUF tensor name in a family's file (blk.3.attn_q.weight ->
+  model.layers.3.self_attn.q_proj.weight), None for a name the family has no place for."""
   if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name):
-    return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.{m.group(3)}" if m.group(2) in LAYER_NAMES else None
+    names = layer_names(arch)
+    return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}" if m.group(2) in names else None
   stem, _, kind = name.rpartition(".")
   return f"{TOP_NAMES[stem]}.{kind}" if stem in TOP_NAMES else None
 
-def gguf_name(key: str) -> str:
-  """The GGUF tensor name of an HF state-dict key (model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight)."""
+def gguf_name(key: str, arch: Architecture) -> str:
+  """The GGUF tensor name of a family's HF state-dict key (model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight)."""
   module, kind = key.rsplit(".", 1)
-  if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module): return f"blk.{m.group(1)}.{_GGUF_NAMES[m.group(2)]}.{kind}"
-  return f"{_GGUF_NAMES[module]}.{kind}"
+  if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module):
+    return f"blk.{m.group(1)}.{_gguf_layer_names(arch)[m.group(2)]}.{kind}"
+  return f"{_GGUF_TOP_NAMES[module]}.{kind}"
 
 def rope_freqs(rope: Rope) -> np.ndarray:
   """llama.cpp's `rope_freqs` tensor for llama3 RoPE scaling: the factor each inverse frequency is divided by."""
@@ -205,11 +237,22 @@ def writer(path: str | os.PathLike, config: ModelConfig, kind: str) -> Iterator[
   """Yields (GGUFWriter, the gguf package) for one file of general.type `kind` ("model" or "adapter") of a model with
   `config`; on leaving, writes header, metadata and tensors and renames the file into place atomically."""
   gguf = gguf_package()
+  llama_cpp_arch(gguf, config)
   with atomic_path(path) as tmp:
-    w = gguf.GGUFWriter(str(tmp), architecture(config))
+    w = gguf.GGUFWriter(str(tmp), config.arch.gguf)
     w.add_type(kind)
     yield w, gguf
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+
+def llama_cpp_arch(gguf: Any, config: ModelConfig) -> Any:
+  """The gguf package's MODEL_ARCH of a model's family, refused with LoraError where llama.cpp defines none."""
+  if (kind := next((k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == config.arch.gguf), None)) is None:
+    raise LoraError(f"llama.cpp defines no GGUF architecture {config.arch.gguf!r} (model_type {config.model_type!r})")
+  return kind
+
+def defined_tensors(gguf: Any, config: ModelConfig) -> set[str]:
+  """The tensor names (blk.{bid}.attn_q, output, ...) llama.cpp defines for a model's GGUF architecture."""
+  return {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[llama_cpp_arch(gguf, config)]}
 
 def add_value(w, key: str, value) -> None:
   """One metadata value with the GGUF type llama.cpp expects for it (token ids uint32, flags bool, lists typed by item)."""

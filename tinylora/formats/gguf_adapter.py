@@ -1,5 +1,7 @@
-"""llama.cpp LoRA adapter files (convert_lora_to_gguf.py's format, loaded with `--lora`): one `.gguf` of general.type
-adapter with tensors `<gguf name>.lora_a` (r, in) and `.lora_b` (out, r), llama's Q/K rows permuted on B, and
+"""llama.cpp LoRA adapter files (convert_lora_to_gguf.py's format, loaded with `--lora`) for every family of
+tinylora.models.architectures: one `.gguf` of general.type adapter with tensors `<gguf name>.lora_a` (r, in) and
+`.lora_b` (out, r) named as the family's model file names its linears (Phi-3's fused qkv_proj / gate_up_proj as attn_qkv /
+ffn_up), B's Q/K rows permuted where the family's converter permutes the weights (Llama, Mistral, Granite, SmolLM3), and
 adapter.lora.alpha. llama.cpp scales each pair by alpha / r, r the pair's rank (by 1 where alpha is 0)."""
 from __future__ import annotations
 import pathlib
@@ -9,8 +11,7 @@ from tinylora.config import LoraConfig, is_number
 from tinylora.errors import LoraError
 from tinylora.formats.common import AdapterFile, finite_arrays
 from tinylora.formats.gguf import detect  # noqa: F401  this format's detect: a .gguf file
-from tinylora.formats.gguf import (architecture, gguf_name, hf_name, permute_qk, qk_heads, read_array, read_gguf, unpermute_qk,
-                                   writer)
+from tinylora.formats.gguf import gguf_name, hf_name, permute_qk, qk_heads, read_array, read_gguf, unpermute_qk, writer
 from tinylora.lora import Adapter, adaptable_linears
 
 SIGNATURE = "llama.cpp LoRA (a '.gguf' file)"  # how detect tells it, for the error when no format does
@@ -19,9 +20,9 @@ FILE_NAME = "adapter.gguf"  # the file's name when saved into an output director
 def _needs_config(model: Any) -> None:
   if not hasattr(model, "config"): raise LoraError("a GGUF adapter needs a tinylora.models model (its architecture and heads)")
 
-def key(path: str, name: str) -> str:
-  """The file's tensor name of `name` ("A" or "B") of the adapter at module `path` (blk.3.attn_q.weight.lora_a)."""
-  return f"{gguf_name(f'{path}.weight')}.lora_{name.lower()}"
+def key(model: Any, path: str, name: str) -> str:
+  """The file's tensor name of `name` ("A" or "B") of the adapter at module `path` of `model` (blk.3.attn_q.weight.lora_a)."""
+  return f"{gguf_name(f'{path}.weight', model.config.arch)}.lora_{name.lower()}"
 
 
 def read(model: Any, path: pathlib.Path) -> AdapterFile:
@@ -34,7 +35,7 @@ def read(model: Any, path: pathlib.Path) -> AdapterFile:
   if (kind := kv.get("general.type")) != "adapter" or kv.get("adapter.type") != "lora":
     raise LoraError(f"{path}: not a LoRA adapter (general.type {kind!r}, adapter.type {kv.get('adapter.type')!r}); a GGUF "
                     f"model file loads with load_pretrained")
-  if (arch := kv.get("general.architecture")) != (expected := architecture(model.config)):
+  if (arch := kv.get("general.architecture")) != (expected := model.config.arch.gguf):
     raise LoraError(f"{path}: an adapter for GGUF architecture {arch!r}, but the model is {expected!r} "
                     f"(model_type {model.config.model_type!r})")
   alpha = kv.get("adapter.lora.alpha", 0.0)
@@ -42,7 +43,7 @@ def read(model: Any, path: pathlib.Path) -> AdapterFile:
   paths = {}  # "<gguf name>.weight" -> HF module path
   for name in infos:
     stem, _, half = name.rpartition(".")
-    if half not in ("lora_a", "lora_b") or not (hf := hf_name(stem) or "").endswith(".weight"):
+    if half not in ("lora_a", "lora_b") or not (hf := hf_name(stem, model.config.arch) or "").endswith(".weight"):
       raise LoraError(f"{path}: tensor {name!r} is not one half of a LoRA pair (<tensor>.weight.lora_a / .lora_b of a "
                       f"linear); tinylora adapters hold low-rank pairs only")
     paths[stem] = hf.removesuffix(".weight")
@@ -63,14 +64,14 @@ def read(model: Any, path: pathlib.Path) -> AdapterFile:
     config = LoraConfig(r=r, lora_alpha=alpha or r, target_modules=sorted(paths.values()), rank_pattern=rank_pattern,
                         alpha_pattern={} if alpha else dict(rank_pattern))
   except LoraError as e: raise LoraError(f"{path}: {e}") from None
-  return AdapterFile(config, tensors, key, str(path), str(path))
+  return AdapterFile(config, tensors, lambda p, name: key(model, p, name), str(path), str(path))
 
 def write(model: Any, layers: dict[str, Adapter], config: LoraConfig, path: pathlib.Path) -> None:
   """Writes the adapters as one llama.cpp LoRA file `path`, atomically, with adapter.lora.alpha such that llama.cpp's
   scale alpha / r equals each layer's scale (folded into B where layers differ in rank or scale)."""
   if config.use_dora: raise LoraError("llama.cpp adapters are LoRA only; save a DoRA adapter as peft or mlx")
   _needs_config(model)
-  arrays = finite_arrays({key(p, n): t for p, a in layers.items() for n, t in (("A", a.lora_A), ("B", a.lora_B))})
+  arrays = finite_arrays({key(model, p, n): t for p, a in layers.items() for n, t in (("A", a.lora_A), ("B", a.lora_B))})
   scales, ranks = {l.scale for l in layers.values()}, {l.r for l in layers.values()}
   alpha = scales.pop() * ranks.pop() if len(scales) == 1 and len(ranks) == 1 else 1.0
   with writer(path, model.config, "adapter") as (w, gguf):
@@ -79,7 +80,7 @@ def write(model: Any, layers: dict[str, Adapter], config: LoraConfig, path: path
     for p, layer in layers.items():
       if p == "lm_head" and model.config.tie_word_embeddings:
         raise LoraError("llama.cpp ignores an adapter on a tied lm_head; save this adapter as PEFT or mlx instead")
-      A, B = arrays[key(p, "A")], arrays[key(p, "B")] * (layer.scale * layer.r / alpha)
+      A, B = arrays[key(model, p, "A")], arrays[key(model, p, "B")] * (layer.scale * layer.r / alpha)
       if (heads := qk_heads(model.config, f"{p}.weight")) is not None: B = permute_qk(B, heads)
-      w.add_tensor(key(p, "A"), np.ascontiguousarray(A, np.float32))
-      w.add_tensor(key(p, "B"), np.ascontiguousarray(B, np.float32))
+      w.add_tensor(key(model, p, "A"), np.ascontiguousarray(A, np.float32))
+      w.add_tensor(key(model, p, "B"), np.ascontiguousarray(B, np.float32))
