@@ -1,7 +1,7 @@
 """The decoder families tinylora runs, as data: one `Architecture` per HF `model_type` says how that family differs from
 Llama, and `ModelConfig.from_hf` reads a `config.json` through it into the numbers the one decoder (decoder.py) uses.
-Adding a family is one entry here (plus its GGUF names in tinylora/formats/gguf.py when llama.cpp names it differently)
-and its tests.
+Adding a family is one entry here and its tests; for GGUF, the tensor names llama.cpp gives it where they differ
+(tinylora/formats/gguf.py) and the metadata llama.cpp reads for it (`_CARRIED` in tinylora/formats/gguf_model.py).
 """
 from __future__ import annotations
 import math
