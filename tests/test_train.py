@@ -208,7 +208,7 @@ def test_fit_end_to_end(tmp_path):
   with pytest.raises(LoraError, match="keep = 0"): tr.save_checkpoint(tmp_path, keep=0)
 
 def test_eval_batches_cover_the_examples_in_order():
-  examples = [([i, i + 1, i + 2], 2) for i in range(5)]
+  examples = [([i, i + 1, i + 2], [0, 0, 1]) for i in range(5)]
   batches = eval_batches(examples, batch_size=2, seq_len=4, pad_id=9)
   assert len(batches) == 3 and all(b[0].shape == (2, 4) for b in batches)
   assert [int(t) for b in batches for t in b[0][:, 0]] == [0, 1, 2, 3, 4, 9]  # in order; the last row is padding
