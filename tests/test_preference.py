@@ -165,7 +165,6 @@ def test_dpo_raises_the_held_out_margin():
   history = fit(trainer, train, valid, batch_size=4, seq_len=8, val_every=12, progress=False, draw=pair_batch_at,
                 draw_eval=pair_eval_batches)
   last = history[-1]
-  # measured: log-probability margin 0.34 -> 2.1 nats, reward margin 0.18, accuracy 0.875
   assert last["val_logps/chosen"] - last["val_logps/rejected"] > margin0 + 1
   assert last["val_rewards/margins"] > 0.1 and last["val_rewards/accuracies"] >= 0.75 and last["val_loss"] < before - 0.05
   assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(history[0])
