@@ -119,15 +119,16 @@ def make_batch(examples: Iterable[Example], seq_len: int, pad_id: int = 0) -> tu
     mask[i, :n] = weights[1:n + 1]  # position j predicts token j+1
   return tokens, targets, mask
 
+def picks_at(n: int, step: int, batch_size: int, seed: int = 0) -> list[int]:
+  """Indices of the `batch_size` items (of n) in the batch for global step `step`: drawn without replacement from a
+  per-epoch shuffle of (seed, epoch)."""
+  if n < 1: raise LoraError("no examples to draw batches from")
+  return [int(np.random.default_rng((seed, k // n)).permutation(n)[k % n]) for k in range(step * batch_size, (step + 1) * batch_size)]
+
 def batch_at(examples: list[Example], step: int, batch_size: int, seq_len: int, seed: int = 0, pad_id: int = 0):
-  """The batch for global step `step`: examples drawn without replacement from a per-epoch shuffle of (seed, epoch)."""
+  """The batch for global step `step` (see `picks_at`)."""
   _check_sizes(batch_size=batch_size, seq_len=seq_len)
-  if not examples: raise LoraError("no examples to draw batches from")
-  n, picked = len(examples), []
-  for k in range(step * batch_size, (step + 1) * batch_size):
-    epoch, i = divmod(k, n)
-    picked.append(examples[np.random.default_rng((seed, epoch)).permutation(n)[i]])
-  return make_batch(picked, seq_len, pad_id)
+  return make_batch([examples[i] for i in picks_at(len(examples), step, batch_size, seed)], seq_len, pad_id)
 
 def eval_batches(examples: list[Example], batch_size: int, seq_len: int, pad_id: int = 0, max_batches: int | None = None):
   """Fixed-shape batches covering the examples in order (the last one filled with empty, fully masked rows)."""

@@ -85,8 +85,12 @@ class Trainer:
   skipped (`last_skipped`, no update, `step` unchanged) and lowers the scale.
 
   `config.grad_checkpoint` holds for the Trainer's own steps (training and evaluate): the model's `grad_checkpoint` is
-  set while they run and restored after, so the model behaves as before outside them."""
-  def __init__(self, model: Any, config: TrainConfig, loss_fn: Callable[[Any, Tensor, Tensor, Tensor], Tensor] | None = None,
+  set while they run and restored after, so the model behaves as before outside them.
+
+  `loss_fn(model, tokens, targets, mask)` returns the loss, or (loss, {name: scalar tensor}) to report metrics as well
+  (tinylora.preference's reward margins and accuracy): their means over the last step's micro-batches are in
+  `metrics`, over the last `evaluate`'s batches in `eval_metrics`."""
+  def __init__(self, model: Any, config: TrainConfig, loss_fn: Callable[..., Tensor | tuple[Tensor, dict[str, Tensor]]] | None = None,
                devices: str | Sequence[str] | None = None):
     self.model, self.config, self.step = model, config, 0
     self.params = trainable_parameters(model)
@@ -108,19 +112,33 @@ class Trainer:
     self.grads = [Tensor.zeros(*p.shape, dtype=p.dtype, device=p.device).contiguous().realize() for p in self.params]
     Tensor.realize(*nn.state.get_parameters(model))  # see captured_step: nothing a step reads may be left to compute
     self._accumulate, self._apply = captured_step(self._accumulate_fn), captured_step(self._apply_fn)
-    self._eval = captured_step(lambda tokens, targets, mask: realize(self.loss_fn(self.model, tokens, targets, mask)))
+    self._eval = captured_step(self._eval_fn)
     self.shape: tuple | None = None
+    self.metric_names: list[str] = []
+    self.metrics: dict[str, float] = {}
+    self.eval_metrics: dict[str, float] = {}
+
+  def _loss(self, tokens: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """The loss_fn's loss and metrics; their names are kept here, as TinyJit's replays do not run this."""
+    out = self.loss_fn(self.model, tokens, targets, mask)
+    loss, metrics = out if isinstance(out, tuple) else (out, {})
+    self.metric_names = list(metrics)
+    return loss, [m.detach().float() for m in metrics.values()]
+
+  def _eval_fn(self, tokens: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    loss, metrics = self._loss(tokens, targets, mask)
+    return realize(Tensor.stack(loss.float(), *metrics))
 
   def _accumulate_fn(self, tokens: Tensor, targets: Tensor, mask: Tensor, accumulate: Tensor, scale: Tensor | None = None) -> Tensor:
     """Adds this micro-batch's gradients to the buffers (`accumulate` 0: the first micro-batch of a step, which replaces
-    them instead); returns (loss, norm of the summed gradients)."""
-    loss = self.loss_fn(self.model, tokens, targets, mask)
+    them instead); returns (loss, norm of the summed gradients, *metrics)."""
+    loss, metrics = self._loss(tokens, targets, mask)
     # float16: the backward runs on loss * scale, whose gradients are divided by it again in float32
     grads = loss.gradient(*self.params) if scale is None else [d / scale[0] for d in (loss * scale[0]).gradient(*self.params)]
     # where, not g * accumulate: a refused step's nan would survive multiplication by 0 and poison every later step
     acc = [g.assign((accumulate != 0).where(g, 0) + d) for g, d in zip(self.grads, grads)]
     norm = Tensor.stack(*[a.float().square().sum() for a in acc]).sum().sqrt()
-    return realize(Tensor.stack(loss.float(), norm), *acc)
+    return realize(Tensor.stack(loss.float(), norm, *metrics), *acc)
 
   def _apply_fn(self, lr: Tensor) -> Tensor:
     n = self.config.accum_steps
@@ -170,11 +188,11 @@ class Trainer:
     With a float16 base, gradients that overflow skip the step (`last_skipped`; the grad norm returned is not finite)."""
     if len(batches) != self.config.accum_steps:
       raise LoraError(f"train_step got {len(batches)} micro-batches, expected accum_steps={self.config.accum_steps}")
-    losses, self.last_skipped = [], False
+    losses, metrics, self.last_skipped = [], [], False
     scale = () if self.loss_scale is None else (self._put(Tensor([self.loss_scale.value])),)
     with Context(TRAINING=1), self._grad_checkpointing():
       for i, batch in enumerate(batches):
-        loss, norm = self._accumulate(*self._batch(*batch), self._put(Tensor([0.0 if i == 0 else 1.0])), *scale).numpy().tolist()
+        loss, norm, *values = self._accumulate(*self._batch(*batch), self._put(Tensor([0.0 if i == 0 else 1.0])), *scale).numpy().tolist()
         if self.loss_scale is not None and math.isfinite(loss) and not math.isfinite(norm):
           self.loss_scale.update(overflow=True, step=self.step + 1)  # raises after max_skips in a row
           self.last_skipped = True
@@ -183,18 +201,20 @@ class Trainer:
           raise LoraError(f"step {self.step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'} "
                           f"(loss={loss}, grad norm={norm}); no update was applied and nothing was saved")
         losses.append(loss)
+        metrics.append(values)
       c = self.config
       grad_norm = self._apply(self._put(Tensor([cosine_lr(self.step, c.lr, c.iters, c.warmup, c.min_lr_ratio)]))).item()
     if self.loss_scale is not None: self.loss_scale.update(overflow=False, step=self.step + 1)
     self.step += 1
+    self.metrics = dict(zip(self.metric_names, np.mean(metrics, 0).tolist()))
     return sum(losses) / len(losses), grad_norm
 
   def evaluate(self, batches) -> float:
-    """Mean loss over batches of (tokens, targets, mask), without dropout and without touching any state."""
-    losses = []
-    with self._grad_checkpointing():
-      for batch in batches: losses.append(self._eval(*self._batch(*batch)).item())
-    return sum(losses) / max(1, len(losses))
+    """Mean loss over batches of (tokens, targets, mask), without dropout and without touching any state but
+    `eval_metrics` (the loss_fn's metrics, averaged over the batches)."""
+    with self._grad_checkpointing(): values = [self._eval(*self._batch(*batch)).numpy().tolist() for batch in batches]
+    self.eval_metrics = dict(zip(self.metric_names, np.mean([v[1:] for v in values], 0).tolist())) if values else {}
+    return sum(v[0] for v in values) / max(1, len(values))
 
   # ---- checkpoints (their files: tinylora/formats/checkpoint.py)
 
@@ -215,24 +235,30 @@ class Trainer:
 
 def fit(trainer: Trainer, train: list[Example], valid: list[Example] | None, batch_size: int, seq_len: int, seed: int = 0,
         pad_id: int = 0, val_every: int = 50, val_batches: int = 8, checkpoint_dir: str | os.PathLike | None = None,
-        save_every: int = 100, keep: int = 2, progress: bool = True) -> list[dict]:
+        save_every: int = 100, keep: int = 2, progress: bool = True, draw: Callable[..., tuple] = batch_at,
+        draw_eval: Callable[..., list] = eval_batches) -> list[dict]:
   """Runs `trainer` from its current step to `config.iters` on fixed-shape batches drawn by (seed, step), with a progress
   bar (loss, tokens/s, ETA), validation every `val_every` steps and checkpoints every `save_every` steps (and at the
   end), keeping the newest `keep`. Returns one record per step: step, loss, grad_norm, lr, tokens_per_s, elapsed_s,
   and val_loss where measured; with a float16 base also loss_scale, and a step skipped for a float16 overflow has a
-  record with skipped=True (then the same step runs again at the lowered scale)."""
+  record with skipped=True (then the same step runs again at the lowered scale). A loss_fn's metrics join the record
+  under their names (validation's as val_<name>).
+
+  `draw(train, step, batch_size, seq_len, seed, pad_id)` gives the micro-batch of a global micro-step and
+  `draw_eval(valid, batch_size, seq_len, pad_id, val_batches)` the validation batches: data.batch_at and
+  data.eval_batches, or for preference pairs preference.pair_batch_at and preference.pair_eval_batches."""
   c, history = trainer.config, []
-  valid_b = eval_batches(valid, batch_size, seq_len, pad_id, val_batches) if valid else []
+  valid_b = draw_eval(valid, batch_size, seq_len, pad_id, val_batches) if valid else []
   bar = tqdm(total=c.iters, desc="train", disable=not progress)
   bar.update(trainer.step)
   start, tokens = time.perf_counter(), 0
   while trainer.step < c.iters:
-    micro = [batch_at(train, trainer.step * c.accum_steps + i, batch_size, seq_len, seed, pad_id) for i in range(c.accum_steps)]
+    micro = [draw(train, trainer.step * c.accum_steps + i, batch_size, seq_len, seed, pad_id) for i in range(c.accum_steps)]
     lr = cosine_lr(trainer.step, c.lr, c.iters, c.warmup, c.min_lr_ratio)
     loss, grad_norm = trainer.train_step(micro)
-    tokens += batch_size * seq_len * c.accum_steps
+    tokens += sum(b[0].size for b in micro)
     record = {"step": trainer.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-              "tokens_per_s": tokens / (time.perf_counter() - start)}
+              "tokens_per_s": tokens / (time.perf_counter() - start), **trainer.metrics}
     record["elapsed_s"] = time.perf_counter() - start  # since fit began, before validation and checkpointing
     if trainer.loss_scale is not None: record["loss_scale"] = trainer.loss_scale.value
     if trainer.last_skipped:
@@ -241,6 +267,7 @@ def fit(trainer: Trainer, train: list[Example], valid: list[Example] | None, bat
     if trainer.step == 1: record["first_step_s"] = record["elapsed_s"]
     if valid_b and (trainer.step % val_every == 0 or trainer.step == c.iters):
       record["val_loss"] = trainer.evaluate(valid_b)
+      record |= {f"val_{k}": v for k, v in trainer.eval_metrics.items()}
       if progress: tqdm.write(f"step {trainer.step}: train loss {loss:.3f}, val loss {record['val_loss']:.3f}")
     if checkpoint_dir is not None and (trainer.step % save_every == 0 or trainer.step == c.iters):
       trainer.save_checkpoint(checkpoint_dir, keep)
