@@ -161,3 +161,15 @@ def test_generate_on_a_gemma3_directory(capsys, tmp_path, model_dir):
   want = tok.decode(generate(model, tok.encode("the sky is"), 6, stop_tokens=[tok.eos_id]), skip_special_tokens=True)
   rc, out, err = run(capsys, "generate", "--model", tmp_path, "--prompt", "the sky is", "--max-tokens", 6)
   assert rc == 0 and out == want + "\n", err
+
+@pytest.mark.parametrize("mode", ["dpo", "orpo"])
+def test_train_preference_modes(capsys, tmp_path, model_dir, mode):
+  """`tinylora train --mode dpo|orpo` on TRL-style rows: trains, saves the adapter, and reports the reward margin and
+  accuracy (and the test set's metrics)."""
+  rows = [{"prompt": t.rsplit(" ", 1)[0] + " ", "chosen": t.rsplit(" ", 1)[1], "rejected": "red"} for t in TEXTS]
+  for name in ("train", "valid", "test"): (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  rc, out, err = run(capsys, "train", "--model", model_dir, "--data", tmp_path, "--train", "--test", "--mode", mode,
+                     "--adapter-path", tmp_path / "adapters", *TRAIN)
+  assert rc == 0, err
+  assert "reward margin" in out and "accuracy" in out and "rewards/margins" in out.splitlines()[-1]
+  assert (tmp_path / "adapters" / "adapter_config.json").exists()

@@ -1,6 +1,7 @@
 """The `tinylora` command line (also `python -m tinylora`), with mlx-lm's flag names where mlx-lm has one:
 
   tinylora train --model M --data D --train [--iters N --batch-size B --learning-rate LR --num-layers N --dora ...]
+                 [--mode dpo|orpo --beta 0.1]
   tinylora fuse --model M --adapter-path A --save-path OUT
   tinylora generate --model M [--adapter-path A] --prompt "..." [--max-tokens N --temp T]
   tinylora chat --model M [--adapter-path A] [--system "..."]
@@ -19,6 +20,7 @@ from tinylora.errors import LoraError
 from tinylora.formats import (ADAPTER_FORMATS, adapter_path, checkpoint, detect_adapter_format, detect_model_format,
                               load_adapter, load_pretrained, load_tokenizer, save_adapter, save_pretrained)
 from tinylora.generate import stream_generate
+from tinylora.preference import LOSSES, load_pairs, pair_batch_at, pair_eval_batches
 from tinylora.quant import QuantizedLinear
 from tinylora.train import Trainer, TrainConfig, fit
 
@@ -59,6 +61,10 @@ def _train_parser(sub) -> None:
                  "only (last), or every token (all)")
   p.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None, help="mlx-lm's flag: "
                  "--mask-prompt is --loss-on last, --no-mask-prompt is --loss-on all")
+  p.add_argument("--mode", choices=("sft", *LOSSES), help="sft: supervised (the default); dpo or orpo: preference "
+                 "tuning on rows of prompt, chosen and rejected (TRL's formats), DPO's reference being the base model "
+                 "with the adapter disabled; --batch-size counts pairs")
+  p.add_argument("--beta", type=float, help="DPO's beta / ORPO's lambda (default 0.1)")
   p.add_argument("--rank", type=int, help="LoRA rank r (default 8)")
   p.add_argument("--alpha", type=float, help="LoRA alpha; the scale is alpha / r (default 2 * rank)")
   p.add_argument("--dropout", type=float, help="dropout on the adapter's input (default 0)")
@@ -81,7 +87,7 @@ def _train_parser(sub) -> None:
   p.add_argument("--seed", type=int, help="random seed (default 0)")
 
 TRAIN_DEFAULTS = dict(train=False, test=False, iters=1000, batch_size=4, learning_rate=1e-5, warmup=0, num_layers=16,
-                      max_seq_length=2048, loss_on=None, mask_prompt=None, rank=8, alpha=None, dropout=0.0, targets=ALL_LINEAR, dora=False,
+                      max_seq_length=2048, loss_on=None, mask_prompt=None, mode="sft", beta=0.1, rank=8, alpha=None, dropout=0.0, targets=ALL_LINEAR, dora=False,
                       adapter_path="adapters", format="peft", resume_adapter_file=None, steps_per_eval=200,
                       val_batches=25, save_every=100, grad_checkpoint=False, devices=None, qlora=False, seed=0, model=None, data=None)
 
@@ -185,22 +191,26 @@ def train(a: argparse.Namespace) -> None:
                                    layers_to_transform=layers, use_dora=a.dora))
   trainable, total = tl.count_parameters(model)
   print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+  preference = a.mode != "sft"
   trainer = Trainer(model, TrainConfig(lr=a.learning_rate, iters=a.iters, warmup=a.warmup, grad_checkpoint=a.grad_checkpoint),
-                    devices=a.devices.split(",") if a.devices else None)
+                    loss_fn=LOSSES[a.mode](a.beta) if preference else None, devices=a.devices.split(",") if a.devices else None)
   pad, val_batches = tokenizer.pad_id or 0, None if a.val_batches < 0 else a.val_batches
+  load = (lambda f: load_pairs(data / f, tokenizer)) if preference else (lambda f: load_dataset(data / f, tokenizer, a.loss_on))
+  draw = dict(draw=pair_batch_at, draw_eval=pair_eval_batches) if preference else {}
   if a.train:
     if checkpoints: print(f"resumed at step {trainer.load_checkpoint(resume)['step']}")
-    train_set, valid = (load_dataset(data / f, tokenizer, a.loss_on) for f in files)
-    history = fit(trainer, train_set, valid, a.batch_size, a.max_seq_length, seed=a.seed, pad_id=pad,
-                  val_every=a.steps_per_eval, val_batches=val_batches, checkpoint_dir=out / "checkpoints", save_every=a.save_every)
+    history = fit(trainer, load(files[0]), load(files[1]), a.batch_size, a.max_seq_length, seed=a.seed, pad_id=pad,
+                  val_every=a.steps_per_eval, val_batches=val_batches, checkpoint_dir=out / "checkpoints", save_every=a.save_every,
+                  **draw)
     target = adapter_path(out, a.format)
     save_adapter(model, target, format=a.format)
     last = history[-1] if history else {}
-    print(f"saved the adapter to {target} ({a.format}); last train loss {last.get('loss', float('nan')):.3f}")
+    rewards = f", reward margin {last['rewards/margins']:.3f}, accuracy {last['rewards/accuracies']:.2f}" if preference and last else ""
+    print(f"saved the adapter to {target} ({a.format}); last train loss {last.get('loss', float('nan')):.3f}{rewards}")
   if a.test:
-    test = load_dataset(data / "test.jsonl", tokenizer, a.loss_on)
-    loss = trainer.evaluate(eval_batches(test, a.batch_size, a.max_seq_length, pad, val_batches))
-    print(f"test loss {loss:.3f}, test perplexity {math.exp(min(loss, 700)):.3f}")
+    loss = trainer.evaluate(draw.get("draw_eval", eval_batches)(load("test.jsonl"), a.batch_size, a.max_seq_length, pad, val_batches))
+    if preference: print(f"test loss {loss:.3f}, " + ", ".join(f"{k} {v:.3f}" for k, v in trainer.eval_metrics.items()))
+    else: print(f"test loss {loss:.3f}, test perplexity {math.exp(min(loss, 700)):.3f}")
 
 def fuse(a: argparse.Namespace) -> None:
   model = load_adapter(_load_model(a.model), a.adapter_path)
