@@ -13,7 +13,7 @@ from .conftest import FAMILIES, MLX_FAMILIES, PHI4_MINI_ROPE
 
 pytestmark = pytest.mark.interop
 
-# prompts longer than Phi-4-mini-style original_max_position_embeddings (see test_generate_equals_transformers)
+# prompts longer than phi3_longrope's original_max_position_embeddings, so it decodes with the long factors throughout
 PROMPTS = [[1, 5, 9, 33, 2, 60], [3, 3, 41, 0, 12, 8, 63, 17]]
 NEW_TOKENS = 12  # every sequence reaches 18-20 positions, several windows long
 
@@ -59,9 +59,7 @@ def test_features_show_in_the_logits(family_models, name, override):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_generate_equals_transformers(family_models, name):
   """Greedy decoding with the KV cache, one prompt and a batch of two prompts of different lengths, each row against
-  transformers' generate on that prompt alone. The prompts pass Phi-4-mini-style LongRoPE's original length: transformers
-  picks short or long factors from the length of each step's sequence, so a cache filled under the short factors and
-  then read by queries under the long ones mixes both, where tinylora runs the long factors on the whole cache."""
+  transformers' generate on that prompt alone."""
   model, ref = load_pretrained(family_models[name]), hf_model(family_models[name])
   want = [hf_generate(ref, p, NEW_TOKENS) for p in PROMPTS]
   single = generate(model, PROMPTS[0], NEW_TOKENS)
