@@ -25,17 +25,29 @@ def assert_close(name: str, got: np.ndarray, want: np.ndarray, atol: float = ATO
   MAX_DIFFS[name] = diff
   assert diff <= atol, f"{name}: max |difference| {diff:.3e} > {atol}"
 
-def tl_logits(model) -> np.ndarray: return model(Tensor(TOKENS.astype(np.int32))).numpy()
+def tl_logits(model, tokens: np.ndarray = TOKENS) -> np.ndarray: return model(Tensor(tokens.astype(np.int32))).numpy()
 
 # ---- transformers / PEFT
 
-def hf_logits(model) -> np.ndarray:
+def hf_logits(model, tokens: np.ndarray = TOKENS) -> np.ndarray:
   import torch
-  with torch.no_grad(): return model(torch.tensor(TOKENS)).logits.numpy()
+  with torch.no_grad(): return model(torch.tensor(tokens)).logits.numpy()
 
 def hf_model(path: pathlib.Path):
+  """The checkpoint in transformers with eager attention in float32: the plain reference implementation (sdpa and the
+  others are kernels that must agree with it)."""
   from transformers import AutoModelForCausalLM
-  return AutoModelForCausalLM.from_pretrained(path).eval()
+  return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype="float32").eval()
+
+def hf_generate(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+  """transformers' greedy continuation of one prompt, never stopping early (no end-of-sequence token). The attention
+  mask is given: generate would otherwise mask every prompt token equal to the pad token."""
+  import torch
+  model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+  ids = torch.tensor([prompt])
+  with torch.no_grad():
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+  return out[0, len(prompt):].tolist()
 
 def peft_model(base: pathlib.Path, adapter: pathlib.Path, **kwargs):
   from peft import PeftModel
@@ -88,9 +100,9 @@ def mlx_load(path: pathlib.Path):
   theta = json.loads((path / "config.json").read_text()).get("rope_parameters", {}).get("rope_theta")
   return load_model(path, model_config={"rope_theta": theta} if theta else None)
 
-def mlx_logits(model) -> np.ndarray:
+def mlx_logits(model, tokens: np.ndarray = TOKENS) -> np.ndarray:
   import mlx.core as mx
-  return np.array(model(mx.array(TOKENS)))
+  return np.array(model(mx.array(tokens)))
 
 def mlx_with_adapter(base: pathlib.Path, adapter: pathlib.Path):
   from mlx_lm.tuner.utils import load_adapters
