@@ -49,6 +49,18 @@ def test_chunked_loss_and_gradients_equal_the_full_logits(arch, targets):
   assert all(np.abs(r).max() > 0 for r in ref)
   for r, g in zip(ref, got): np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * np.abs(r).max())
 
+def test_the_trainer_steps_on_the_chunked_loss():
+  """Inside the Trainer's captured steps the chunked loss gives the loss and gradient norm of lm_loss on the full logits."""
+  import functools
+  from tinylora.models import Model
+  runs = []
+  for loss_fn in (lambda m, tokens, targets, mask: lm_loss(m(tokens), targets, mask), functools.partial(chunked_lm_loss, chunk_bytes=8 * 4 * 500)):
+    Tensor.manual_seed(0)
+    m = tl.inject(Model.from_config(dict(TINY, model_type="llama")), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    tr = Trainer(m, TrainConfig(lr=1e-2, iters=2, warmup=0), loss_fn=loss_fn)
+    runs.append([tr.train_step([batch_at(pattern_data(seq=12), step, 2, 12)]) for step in range(2)])
+  np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5)
+
 def test_cosine_schedule():
   assert cosine_lr(0, 1.0, 100, warmup_steps=10) == pytest.approx(0.1)
   assert cosine_lr(9, 1.0, 100, warmup_steps=10) == pytest.approx(1.0)
