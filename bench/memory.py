@@ -3,16 +3,19 @@ training against float32.
 
   memory   tinygrad's allocator high-water mark (tinylora.engine.peak_memory) in each of the first three Trainer steps
            (JIT capture and first run, replays): the largest, and the last replay's (the steady state), at 4x512
-           tokens, LoRA r=16 on q,k,v,o,gate,up,down of every layer, AdamW: for the bench
-           model, a SmolLM2-135M-shaped and a Llama-3.2-1B-shaped config; base float32 / float16 / bfloat16 / 4-bit g64
-           (tinylora.quant.quantize of a float16 model), with and without TrainConfig(grad_checkpoint). Each case runs
+           tokens, LoRA r=16 on q,k,v,o,gate,up,down of every layer, AdamW: for the bench model, a SmolLM2-135M-, a
+           Llama-3.2-1B-, a Qwen3-0.6B- and a Gemma-3-1B-shaped config (the last two: large vocabularies); base
+           float32 / float16 / bfloat16 / 4-bit g64 (tinylora.quant.quantize of a float16 model), with and without
+           TrainConfig(grad_checkpoint). Each case runs
            in its own process on --device; DEV=NULL allocates and schedules every buffer as a real device would but runs
            no kernel, so its high-water mark is that of the same step without the compute (shapes too slow to run here).
+           Also the last step's FLOPs (GlobalCounters.global_ops), which NULL counts as a real device would.
   losses   10 steps of the bench model (4x256 tokens of a learnable sequence task) in float16 and bfloat16 against the
            float32 run: the largest relative loss difference.
 
   python bench/memory.py --sections memory --models bench --device CPU
   python bench/memory.py --sections memory --models bench,smollm2-135m,llama-1b --device NULL
+  python bench/memory.py --sections memory --models qwen3-0.6b,gemma3-1b --bases float32 --grad-checkpoint no --device NULL
   CC=clang-19 python bench/memory.py --sections losses          # bfloat16 on x86 needs clang >= 15
 """
 from __future__ import annotations
@@ -27,6 +30,11 @@ MODELS = {
                        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
   "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+  "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+  "gemma3-1b": dict(model_type="gemma3_text", hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+                    num_key_value_heads=1, head_dim=256, vocab_size=262144, query_pre_attn_scalar=256, sliding_window=512,
+                    tie_word_embeddings=True),
 }
 BASES = ["float32", "float16", "bfloat16", "4bit"]
 
@@ -58,16 +66,19 @@ def measure_one(name: str, base: str, ckpt: bool, batch: int, seq: int, steps: i
   trainer = Trainer(model, TrainConfig(iters=steps, warmup=0, grad_checkpoint=ckpt))
   held, st, peaks = GlobalCounters.mem_used, time.perf_counter(), []  # held: weights, LoRA tensors, gradients, AdamW state
   for step in range(steps):  # step 1 captures the Trainer's TinyJits and runs them, later steps replay them
+    GlobalCounters.reset()
     with peak_memory() as peak: trainer.train_step([pattern_batch(MODELS[name]["vocab_size"], batch, seq, step)])
     peaks.append(peak.peak)
+  # the last step's FLOPs and kernel launches (a replay when steps > 1; a device graph counts as one launch)
   return dict(held=held, peak=max(peaks), replay_peak=peaks[-1], step_peaks=peaks, largest=peak.largest, device=Device.DEFAULT,
+              kernels=GlobalCounters.kernel_count, gflops=GlobalCounters.global_ops / 1e9,
               seconds=time.perf_counter() - st, checkpointed_layers=sum(map(_callable_as_function, model.model.layers)) if ckpt else 0)
 
-def memory(models: list[str], bases: list[str], device: str, batch: int, seq: int, steps: int) -> list[dict]:
+def memory(models: list[str], bases: list[str], checkpoint: list[bool], device: str, batch: int, seq: int, steps: int) -> list[dict]:
   rows = []
   for name in models:
     for base in bases:
-      for ckpt in (False, True):
+      for ckpt in checkpoint:
         case = dict(model=name, base=base, grad_checkpoint=ckpt, batch=batch, seq=seq)
         env = dict(os.environ, DEV=device, NULL_ALLOW_COPYOUT="1")  # NULL: the loss read back is 0, not computed
         out = subprocess.run([sys.executable, __file__, "--one", json.dumps(dict(case, steps=steps))], env=env,
@@ -117,6 +128,7 @@ if __name__ == "__main__":
   p.add_argument("--models", default="bench,smollm2-135m,llama-1b")
   p.add_argument("--bases", default=",".join(BASES))
   p.add_argument("--device", default=os.environ.get("DEV", "CPU"), help="device for the memory cases (NULL: run nothing)")
+  p.add_argument("--grad-checkpoint", default="no,yes", help="the cases without (no) and with (yes) TrainConfig(grad_checkpoint)")
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--json", help="write every number to this file")
   p.add_argument("--one", help=argparse.SUPPRESS)
@@ -127,7 +139,8 @@ if __name__ == "__main__":
     sys.exit(0)
   results = {}
   if "memory" in args.sections:
-    results["memory"] = memory(args.models.split(","), args.bases.split(","), args.device, 4, 512, args.steps)
+    results["memory"] = memory(args.models.split(","), args.bases.split(","),
+                                [c == "yes" for c in args.grad_checkpoint.split(",")], args.device, 4, 512, args.steps)
     print_memory(results["memory"])
   if "losses" in args.sections:
     results["losses"] = losses(4, 256, 10)

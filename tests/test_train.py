@@ -4,7 +4,7 @@ from tinygrad import Tensor, nn
 import tinylora as tl
 from tinylora import LoraConfig, LoraError
 from tinylora.data import batch_at, encode_example, eval_batches, load_dataset, make_batch
-from tinylora.train import Trainer, TrainConfig, cosine_lr, fit, lm_loss
+from tinylora.train import Trainer, TrainConfig, chunked_lm_loss, cosine_lr, fit, lm_loss
 from conftest import TinyLM
 
 def model(seed=0):
@@ -24,6 +24,42 @@ def test_lm_loss_matches_numpy_and_masks():
   nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
   got = lm_loss(Tensor(logits), Tensor(targets.astype(np.int32)), Tensor(mask)).item()
   assert abs(got - (nll * mask).sum() / mask.sum()) < 1e-5
+
+TINY = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            vocab_size=500, max_position_embeddings=16)
+
+@pytest.mark.parametrize("arch, targets", [
+  (dict(model_type="llama", tie_word_embeddings=True), ["q_proj"]),
+  (dict(model_type="llama"), ["q_proj", "lm_head"]),
+  (dict(model_type="gemma2", final_logit_softcapping=30.0, query_pre_attn_scalar=8, sliding_window=8, head_dim=8), ["q_proj", "lm_head"]),
+  (dict(model_type="granite", logits_scaling=4.0), ["v_proj", "lm_head"])], ids=["tied", "lm_head LoRA", "gemma2 soft-cap", "granite scaling"])
+def test_chunked_loss_and_gradients_equal_the_full_logits(arch, targets):
+  """The loss over chunks of 8 positions (3 chunks of 24) and its LoRA gradients equal lm_loss on the whole logits."""
+  from tinylora.models import Model
+  Tensor.manual_seed(0)
+  m = tl.inject(Model.from_config(dict(TINY, **arch)), LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+  rng = np.random.default_rng(0)
+  tokens, targets_ = (Tensor(rng.integers(0, 500, (2, 12)).astype(np.int32)) for _ in range(2))
+  mask = Tensor((rng.random((2, 12)) > 0.3).astype(np.float32))
+  params = tl.trainable_parameters(m)
+  full, chunked = lm_loss(m(tokens), targets_, mask), chunked_lm_loss(m, tokens, targets_, mask, chunk_bytes=8 * 4 * 500)
+  ref, got = [full, *full.gradient(*params)], [chunked, *chunked.gradient(*params)]
+  Tensor.realize(*ref, *got)
+  ref, got = [t.numpy() for t in ref], [t.numpy() for t in got]
+  assert all(np.abs(r).max() > 0 for r in ref)
+  for r, g in zip(ref, got): np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * np.abs(r).max())
+
+def test_the_trainer_steps_on_the_chunked_loss():
+  """Inside the Trainer's captured steps the chunked loss gives the loss and gradient norm of lm_loss on the full logits."""
+  import functools
+  from tinylora.models import Model
+  runs = []
+  for loss_fn in (lambda m, tokens, targets, mask: lm_loss(m(tokens), targets, mask), functools.partial(chunked_lm_loss, chunk_bytes=8 * 4 * 500)):
+    Tensor.manual_seed(0)
+    m = tl.inject(Model.from_config(dict(TINY, model_type="llama")), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    tr = Trainer(m, TrainConfig(lr=1e-2, iters=2, warmup=0), loss_fn=loss_fn)
+    runs.append([tr.train_step([batch_at(pattern_data(seq=12), step, 2, 12)]) for step in range(2)])
+  np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5)
 
 def test_cosine_schedule():
   assert cosine_lr(0, 1.0, 100, warmup_steps=10) == pytest.approx(0.1)

@@ -5,7 +5,7 @@ import contextlib, math, os, pathlib, time
 from dataclasses import dataclass, asdict
 from typing import Any, Callable, Iterator, Sequence
 import numpy as np
-from tinygrad import Context, Device, Tensor, nn, dtypes
+from tinygrad import Context, Device, Tensor, function, nn, dtypes
 from tinylora.config import is_int, is_number
 from tinylora.data import Example, batch_at, eval_batches
 from tinylora.device_policy import captured_step
@@ -13,14 +13,42 @@ from tinylora.engine import captured_copy_bytes, realize, tqdm
 from tinylora.errors import LoraError
 from tinylora.formats import checkpoint
 from tinylora.lora import trainable_parameters
+from tinylora.models import Model
+from tinylora.models.decoder import _callable_as_function
 from tinylora.precision import LossScale, check_dtype
+
+LOGITS_CHUNK_BYTES = 128 << 20  # at most the float32 logits of one chunk of positions in chunked_lm_loss
+
+def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+  """Next-token cross-entropy of each position: logits (..., vocab) and targets (...) -> (...)."""
+  logits = logits.float()
+  target_logit = (logits * (Tensor.arange(logits.shape[-1]) == targets.unsqueeze(-1))).sum(-1)
+  return logits.logsumexp(-1) - target_logit
 
 def lm_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
   """Mean next-token cross-entropy over the positions where mask is 1 (prompt and padding have mask 0)."""
-  logits = logits.float()
-  target_logit = (logits * (Tensor.arange(logits.shape[-1]) == targets.unsqueeze(-1))).sum(-1)
-  nll = logits.logsumexp(-1) - target_logit
-  return (nll * mask).sum() / mask.sum().maximum(1)
+  return (token_nll(logits, targets) * mask).sum() / mask.sum().maximum(1)
+
+def _chunk_rows(most: int) -> int:
+  """The largest power of two <= most (at least 1): tinygrad 0.14 crashed running the precompiled chunk at 5 and 6 rows."""
+  return 1 << max(0, most.bit_length() - 1)
+
+def chunked_lm_loss(model: Any, tokens: Tensor, targets: Tensor, mask: Tensor, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> Tensor:
+  """lm_loss(model(tokens), targets, mask), with the output head of a tinylora Model applied to chunks of positions whose
+  float32 logits take at most `chunk_bytes`. Each chunk is a tinygrad function that returns only its masked sum, so no
+  step holds more than a chunk's logits and their gradient, at the cost of computing the logits twice. Plain lm_loss
+  for other models, for logits within one chunk, and for heads that cannot run as a function (quantized, on several
+  devices, or with dropout in training)."""
+  if not isinstance(model, Model): return lm_loss(model(tokens), targets, mask)
+  h = model.hidden(tokens)
+  rows, n = _chunk_rows(chunk_bytes // (4 * model.config.vocab_size)), math.prod(h.shape[:-1])
+  if n <= rows or not _callable_as_function(model.lm_head): return lm_loss(model.logits(h), targets, mask)
+  h, targets, mask = h.reshape(n, h.shape[-1]), targets.reshape(n), mask.reshape(n)
+  # precompiled: a chunk's logits live only inside its own kernels and the backward recomputes them; the head is an
+  # argument so that its tensors are the function's inputs (LoRA ones get gradients)
+  chunk = function(lambda head, h, t, m: (token_nll(model.logits(h), t) * m).sum(), precompile=True, precompile_backward=True)
+  total = sum(chunk(model.lm_head, h[i:i + rows], targets[i:i + rows], mask[i:i + rows]) for i in range(0, n, rows))
+  return total / mask.sum().maximum(1)
 
 def cosine_lr(step: int, lr: float, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.1) -> float:
   """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `total_steps`."""
@@ -99,7 +127,7 @@ class Trainer:
     if self.devices is not None: to_devices(model, self.devices)  # before the optimizer state is made beside the params
     if config.grad_checkpoint and not hasattr(model, "grad_checkpoint"):
       raise LoraError(f"{type(model).__name__} does not support grad_checkpoint")
-    self.loss_fn = loss_fn or (lambda m, tokens, targets, mask: lm_loss(m(tokens), targets, mask))
+    self.loss_fn = loss_fn or chunked_lm_loss
     base_dtypes = {t.dtype for t in nn.state.get_parameters(model)}
     if dtypes.bfloat16 in base_dtypes: check_dtype(dtypes.bfloat16, self.params[0].device if self.devices is None else self.devices[0])
     self.loss_scale = LossScale() if dtypes.float16 in base_dtypes else None
