@@ -59,7 +59,7 @@ def measure_one(name: str, base: str, ckpt: bool, batch: int, seq: int, steps: i
   from tinygrad import Device, GlobalCounters
   from tinylora.errors import LoraError
   from tinylora.engine import peak_memory
-  from tinylora.models.decoder import _callable_as_function
+  from tinylora.models.decoder import callable_as_function
   from tinylora.train import Trainer, TrainConfig
   try: model = build(name, base, seq)
   except LoraError as e: return dict(refused=str(e))
@@ -72,7 +72,7 @@ def measure_one(name: str, base: str, ckpt: bool, batch: int, seq: int, steps: i
   # the last step's FLOPs and kernel launches (a replay when steps > 1; a device graph counts as one launch)
   return dict(held=held, peak=max(peaks), replay_peak=peaks[-1], step_peaks=peaks, largest=peak.largest, device=Device.DEFAULT,
               kernels=GlobalCounters.kernel_count, gflops=GlobalCounters.global_ops / 1e9,
-              seconds=time.perf_counter() - st, checkpointed_layers=sum(map(_callable_as_function, model.model.layers)) if ckpt else 0)
+              seconds=time.perf_counter() - st, checkpointed_layers=sum(map(callable_as_function, model.model.layers)) if ckpt else 0)
 
 def memory(models: list[str], bases: list[str], checkpoint: list[bool], device: str, batch: int, seq: int, steps: int) -> list[dict]:
   rows = []

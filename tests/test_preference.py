@@ -9,8 +9,8 @@ from tinylora.device_policy import captured_step
 from tinylora.engine import realize
 from tinylora.models.decoder import Model
 from tinylora.preference import (IGNORE, dpo_loss, encode_pair, load_pairs, make_pair_batch, orpo_loss, pair_batch_at,
-                                 pair_eval_batches, token_logps)
-from tinylora.train import Trainer, TrainConfig, fit
+                                 pair_eval_batches)
+from tinylora.train import Trainer, TrainConfig, fit, token_nll
 
 CONFIG = dict(model_type="llama", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
               num_key_value_heads=1, vocab_size=48, max_position_embeddings=16)
@@ -140,7 +140,7 @@ def test_dpo_gradient_is_the_policys_alone():
   lp = np_logps(logits(m, batch[0]), *batch[1:])[1]
   z = beta * ((lp[0::2] - ref[0::2]) - (lp[1::2] - ref[1::2]))
   w = Tensor((np.repeat(-beta / (1 + np.exp(z)) / len(z), 2) * np.tile([1.0, -1.0], len(z))).astype(np.float32)).realize()
-  surrogate = lambda model, tokens, targets, mask: ((token_logps(model(tokens), targets) * mask).sum(-1) * w).sum()
+  surrogate = lambda model, tokens, targets, mask: ((-token_nll(model(tokens), targets) * mask).sum(-1) * w).sum()
   params, grads = tl.trainable_parameters(m), []
   start = [p.numpy() for p in params]
   for loss_fn in (dpo_loss(beta), surrogate):

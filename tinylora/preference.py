@@ -14,6 +14,7 @@ from tinylora.config import is_number
 from tinylora.data import Example, _check_sizes, encode_example, load_jsonl, make_batch, picks_at
 from tinylora.errors import LoraError
 from tinylora.lora import disabled
+from tinylora.train import token_nll
 
 Pair = tuple[Example, Example]  # (chosen, rejected): one prompt (weight 0) followed by each response (weight 1)
 IGNORE = -100  # the target of a padding position in a pair batch (HF's ignore index): not a token of the sequence
@@ -108,11 +109,6 @@ def pair_eval_batches(pairs: list[Pair], batch_size: int, seq_len: int, pad_id: 
 
 # ---- losses
 
-def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
-  """log p(target) at each position: logits (..., vocab), targets (...) -> (...); an IGNORE target gives -logsumexp."""
-  logits = logits.float()
-  return (logits * (Tensor.arange(logits.shape[-1]) == targets.unsqueeze(-1))).sum(-1) - logits.logsumexp(-1)
-
 def _pairs(x: Tensor) -> tuple[Tensor, Tensor]:
   """A per-row tensor (2B, ...) as its chosen and rejected rows, each (B, ...)."""
   x = x.reshape(-1, 2, *x.shape[1:])
@@ -134,8 +130,8 @@ def dpo_loss(beta: float = 0.1) -> LossFn:
   of pairs where the chosen reward is higher (accuracies), and logps of chosen and rejected."""
   beta = _check_beta(beta)
   def loss_fn(model: Any, tokens: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    logps = _pairs((token_logps(model(tokens), targets) * mask).sum(-1))
-    with disabled(model): ref = _pairs((token_logps(model(tokens), targets) * mask).sum(-1).detach())
+    logps = _pairs((-token_nll(model(tokens), targets) * mask).sum(-1))
+    with disabled(model): ref = _pairs((-token_nll(model(tokens), targets) * mask).sum(-1).detach())
     chosen, rejected = (beta * (lp - r) for lp, r in zip(logps, ref))
     real = _pairs(mask.sum(-1))[0] > 0
     metrics = {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
@@ -160,7 +156,7 @@ def orpo_loss(beta: float = 0.1) -> LossFn:
   log_odds_chosen (the mean log_odds)."""
   beta = _check_beta(beta)
   def loss_fn(model: Any, tokens: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    tok = token_logps(model(tokens), targets)
+    tok = -token_nll(model(tokens), targets)
     sums, counts = _pairs((tok * mask).sum(-1)), _pairs(mask.sum(-1))
     real = counts[0] > 0
     # filler pairs get a harmless average: they are left out of every mean below

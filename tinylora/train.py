@@ -14,7 +14,7 @@ from tinylora.errors import LoraError
 from tinylora.formats import checkpoint
 from tinylora.lora import trainable_parameters
 from tinylora.models import Model
-from tinylora.models.decoder import _callable_as_function
+from tinylora.models.decoder import callable_as_function
 from tinylora.precision import LossScale, check_dtype
 
 LOGITS_CHUNK_BYTES = 128 << 20  # at most the float32 logits of one chunk of positions in chunked_lm_loss
@@ -42,12 +42,16 @@ def chunked_lm_loss(model: Any, tokens: Tensor, targets: Tensor, mask: Tensor, c
   if not isinstance(model, Model): return lm_loss(model(tokens), targets, mask)
   h = model.hidden(tokens)
   rows, n = _chunk_rows(chunk_bytes // (4 * model.config.vocab_size)), math.prod(h.shape[:-1])
-  if n <= rows or not _callable_as_function(model.lm_head): return lm_loss(model.logits(h), targets, mask)
-  h, targets, mask = h.reshape(n, h.shape[-1]), targets.reshape(n), mask.reshape(n)
+  if n <= rows or not callable_as_function(model.lm_head): return lm_loss(model.logits(h), targets, mask)
+  # positions padded (masked out) to whole chunks: one chunk shape to compile, and no odd-sized last chunk, at which
+  # tinygrad 0.14 crashed
+  pad = -n % rows
+  h = h.reshape(n, h.shape[-1]).pad(((0, pad), None))
+  targets, mask = targets.reshape(n).pad(((0, pad),)), mask.reshape(n).pad(((0, pad),))
   # precompiled: a chunk's logits live only inside its own kernels and the backward recomputes them; the head is an
   # argument so that its tensors are the function's inputs (LoRA ones get gradients)
   chunk = function(lambda head, h, t, m: (token_nll(model.logits(h), t) * m).sum(), precompile=True, precompile_backward=True)
-  total = sum(chunk(model.lm_head, h[i:i + rows], targets[i:i + rows], mask[i:i + rows]) for i in range(0, n, rows))
+  total = sum(chunk(model.lm_head, h[i:i + rows], targets[i:i + rows], mask[i:i + rows]) for i in range(0, n + pad, rows))
   return total / mask.sum().maximum(1)
 
 def cosine_lr(step: int, lr: float, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.1) -> float:

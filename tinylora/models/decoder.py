@@ -184,7 +184,7 @@ def _layer_with_intermediates(layer: DecoderLayer, x: Tensor, cos: Tensor | None
 _layer = function(_layer_with_intermediates, precompile=True, precompile_backward=True)
 _checkpointed_layer = function(lambda layer, x, cos, sin: layer(x, cos, sin, 0, None), precompile=True, precompile_backward=True)
 
-def _callable_as_function(layer: DecoderLayer) -> bool:
+def callable_as_function(layer: DecoderLayer) -> bool:
   """Whether the layer can run as a function: tinygrad cannot differentiate through packed integer weights (their
   unpacking), and random dropout masks inside would need the RNG state as an input."""
   tensors = nn.state.get_state_dict(layer).values()
@@ -256,7 +256,7 @@ class Model:
     if c.embedding_multiplier != 1: x = x * Tensor(c.embedding_multiplier, dtype=x.dtype, device=x.device)
     for layer in self.model.layers:
       cos, sin = tables.get(layer.rope, (None, None))
-      if cache is None and (self.layers_as_functions or self.grad_checkpoint) and _callable_as_function(layer):
+      if cache is None and (self.layers_as_functions or self.grad_checkpoint) and callable_as_function(layer):
         x = _checkpointed_layer(layer, x, cos, sin) if self.grad_checkpoint else _layer(layer, x, cos, sin)[0]
       else: x = layer(x, cos, sin, start_pos, cache)
     return self.model.norm(x).contiguous()
