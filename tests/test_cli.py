@@ -173,3 +173,21 @@ def test_train_preference_modes(capsys, tmp_path, model_dir, mode):
   assert rc == 0, err
   assert "reward margin" in out and "accuracy" in out and "rewards/margins" in out.splitlines()[-1]
   assert (tmp_path / "adapters" / "adapter_config.json").exists()
+
+def test_optimizer_flags_and_mlx_optimizer_config(tmp_path):
+  """--optimizer and --lr-schedule, and mlx-lm's optimizer_config ({name: {betas, eps, weight_decay}}) from -c: the
+  chosen optimizer's entry becomes TrainConfig's optimizer_config and weight_decay; the command line wins."""
+  from tinylora.cli import _optimizer_settings, _train_args
+  from tinylora.train import TrainConfig
+  config = tmp_path / "c.json"
+  config.write_text(json.dumps({"optimizer": "adam", "lr_schedule": "linear",
+                                "optimizer_config": {"adamw": {"betas": [0.9, 0.98], "weight_decay": 0.05}, "adam": {"eps": 1e-6}}}))
+  def parsed(*flags): return _train_args(_parser().parse_args(["train", "--model", "m", "--data", "d", "--train", "-c", str(config), *flags]))
+  a = parsed()
+  assert (a.optimizer, a.lr_schedule) == ("adam", "linear") and _optimizer_settings(a.optimizer, a.optimizer_config) == {"optimizer_config": {"eps": 1e-6}}
+  a = parsed("--optimizer", "adamw", "--lr-schedule", "constant")
+  settings = _optimizer_settings(a.optimizer, a.optimizer_config)
+  assert settings == {"optimizer_config": {"betas": [0.9, 0.98]}, "weight_decay": 0.05} and a.lr_schedule == "constant"
+  assert TrainConfig(optimizer=a.optimizer, **settings).make_optimizer([Tensor.zeros(2, 2).contiguous()]).b2 == 0.98
+  assert _optimizer_settings("sgd", {"momentum": 0.9}) == {"optimizer_config": {"momentum": 0.9}}
+  with pytest.raises(SystemExit): _parser().parse_args(["train", "--optimizer", "lion"])

@@ -4,7 +4,7 @@ from tinygrad import Tensor, nn
 import tinylora as tl
 from tinylora import LoraConfig, LoraError
 from tinylora.data import batch_at, encode_example, eval_batches, load_dataset, make_batch
-from tinylora.train import Trainer, TrainConfig, chunked_lm_loss, cosine_lr, fit, lm_loss
+from tinylora.train import Trainer, TrainConfig, chunked_lm_loss, fit, learning_rate, lm_loss
 from conftest import TinyLM
 
 def model(seed=0):
@@ -62,12 +62,17 @@ def test_the_trainer_steps_on_the_chunked_loss():
     runs.append([tr.train_step([batch_at(pattern_data(seq=12), step, 2, 12)]) for step in range(2)])
   np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5)
 
-def test_cosine_schedule():
-  assert cosine_lr(0, 1.0, 100, warmup_steps=10) == pytest.approx(0.1)
-  assert cosine_lr(9, 1.0, 100, warmup_steps=10) == pytest.approx(1.0)
-  assert cosine_lr(10, 1.0, 100, warmup_steps=10) == pytest.approx(1.0)
-  assert cosine_lr(100, 1.0, 100, warmup_steps=10, min_lr_ratio=0.1) == pytest.approx(0.1)
-  assert cosine_lr(55, 1.0, 100, warmup_steps=10, min_lr_ratio=0.0) == pytest.approx(0.5)
+def test_schedules():
+  assert learning_rate(55, 1.0, 100, warmup_steps=10, min_lr_ratio=0.0, schedule="linear") == pytest.approx(0.5)
+  assert learning_rate(100, 1.0, 100, warmup_steps=10, min_lr_ratio=0.2, schedule="linear") == pytest.approx(0.2)
+  assert learning_rate(4, 1.0, 100, warmup_steps=10, schedule="constant") == pytest.approx(0.5)
+  assert [learning_rate(s, 1.0, 100, warmup_steps=10, schedule="constant") for s in (10, 50, 100)] == [1.0, 1.0, 1.0]
+  assert TrainConfig(lr=2.0, iters=100, warmup=10, min_lr_ratio=0.0, lr_schedule="linear").lr_at(55) == pytest.approx(1.0)
+  assert learning_rate(0, 1.0, 100, warmup_steps=10) == pytest.approx(0.1)
+  assert learning_rate(9, 1.0, 100, warmup_steps=10) == pytest.approx(1.0)
+  assert learning_rate(10, 1.0, 100, warmup_steps=10) == pytest.approx(1.0)
+  assert learning_rate(100, 1.0, 100, warmup_steps=10, min_lr_ratio=0.1) == pytest.approx(0.1)
+  assert learning_rate(55, 1.0, 100, warmup_steps=10, min_lr_ratio=0.0) == pytest.approx(0.5)
 
 class Tok:
   eos_id = 1
@@ -148,7 +153,7 @@ def test_clipping_reaches_the_optimizer(grad_clip, accum):
 
 def test_the_learning_rate_schedule_reaches_the_jitted_step():
   """The rate each replayed step applied, read back from the update AdamW made (p_new = p - lr * m_hat / (sqrt(v_hat)
-  + eps) without weight decay), follows cosine_lr through warmup and decay: a rate frozen into the TinyJit fails."""
+  + eps) without weight decay), follows learning_rate through warmup and decay: a rate frozen into the TinyJit fails."""
   c = TrainConfig(lr=1e-2, iters=8, warmup=3, min_lr_ratio=0.2, weight_decay=0.0)
   tr, data = Trainer(model(), c), pattern_data()
   for step in range(c.iters):
@@ -160,7 +165,7 @@ def test_the_learning_rate_schedule_reaches_the_jitted_step():
       u = (m.numpy() / (1 - b1_t)) / (np.sqrt(v.numpy() / (1 - b2_t)) + tr.opt.eps)
       big = np.abs(u) > 0.1  # elements whose update is large against float32 rounding of p
       rates.append((b - p.numpy())[big] / u[big])
-    assert np.median(np.concatenate(rates)) == pytest.approx(cosine_lr(step, c.lr, c.iters, c.warmup, c.min_lr_ratio), rel=1e-3)
+    assert np.median(np.concatenate(rates)) == pytest.approx(learning_rate(step, c.lr, c.iters, c.warmup, c.min_lr_ratio), rel=1e-3)
 
 def test_the_first_step_is_the_captured_step():
   """Step 1 captures both TinyJits and runs the capture, on its memory plan: it peaks no higher than a replay, and
@@ -233,7 +238,7 @@ def test_fit_end_to_end(tmp_path):
                 save_every=2, keep=2, progress=False)
   assert [h["step"] for h in history] == list(range(1, 8)) and tr.step == 7
   assert [h["step"] for h in history if "val_loss" in h] == [3, 6, 7]  # every 3 steps and at the end
-  assert [h["lr"] for h in history] == [cosine_lr(s, c.lr, c.iters, c.warmup, c.min_lr_ratio) for s in range(7)]
+  assert [h["lr"] for h in history] == [learning_rate(s, c.lr, c.iters, c.warmup, c.min_lr_ratio) for s in range(7)]
   assert all(math.isfinite(h["loss"]) and h["grad_norm"] > 0 and h["tokens_per_s"] > 0 for h in history)
   assert "first_step_s" in history[0]
   valid_b = eval_batches(valid, 4, 12, max_batches=2)
@@ -289,3 +294,44 @@ def test_grad_checkpoint_holds_for_the_trainers_steps_only():
   tr.train_step([batch_at(pattern_data(), 0, 4, 12)])
   tr.evaluate([batch_at(pattern_data(), 1, 4, 12)])
   assert seen == [True, True] and not m.grad_checkpoint
+
+
+def test_optimizers_update_as_their_rules_say():
+  """SGD without momentum moves each LoRA tensor by -lr * gradient; Adam's betas come from optimizer_config; SGD with
+  momentum and Muon train (the loss falls)."""
+  data = pattern_data()
+  tr = Trainer(model(), TrainConfig(lr=0.1, iters=5, warmup=0, grad_clip=0, optimizer="sgd"))
+  before = [p.numpy() for p in tr.params]
+  tr.train_step([batch_at(data, 0, 8, 12)])
+  for b, p, g in zip(before, tr.params, tr.grads): np.testing.assert_allclose(p.numpy(), b - 0.1 * g.numpy(), rtol=1e-5, atol=1e-7)
+  adam = Trainer(model(), TrainConfig(optimizer="adam", optimizer_config={"betas": [0.8, 0.95], "eps": 1e-6}))
+  assert (adam.opt.b1, adam.opt.b2, adam.opt.eps, adam.opt.wd) == (0.8, 0.95, 1e-6, 0.0)
+  for name, settings in (("sgd", {"momentum": 0.9}), ("muon", {"momentum": 0.9})):
+    tr = Trainer(model(), TrainConfig(lr=0.05 if name == "sgd" else 0.02, iters=12, warmup=0, optimizer=name, optimizer_config=settings))
+    first = tr.evaluate([batch_at(data, 0, 8, 12)])
+    for step in range(12): tr.train_step([batch_at(data, step, 8, 12)])
+    assert tr.evaluate([batch_at(data, 0, 8, 12)]) < first, name
+
+@pytest.mark.parametrize("kwargs, message", [
+  (dict(optimizer="lion"), "optimizer = 'lion': expected one of adamw, adam, sgd, muon"),
+  (dict(lr_schedule="step"), "lr_schedule = 'step': expected one of cosine, linear, constant"),
+  (dict(optimizer="sgd", optimizer_config={"betas": [0.9, 0.9]}), "optimizer_config = .*sgd's settings: momentum, nesterov"),
+  (dict(optimizer="adam", weight_decay=0.1), "weight_decay = 0.1: expected 0 with adam")])
+def test_bad_optimizer_settings(kwargs, message):
+  with pytest.raises(LoraError, match=message): TrainConfig(**kwargs)
+
+def test_checkpoints_carry_the_optimizer_and_refuse_another(tmp_path):
+  """An SGD-with-momentum checkpoint resumes with its momentum; resuming it with AdamW (or an AdamW one with SGD) is
+  refused naming both, and leaves the adapter and the optimizer state as they were."""
+  data = pattern_data()
+  sgd = TrainConfig(lr=0.05, iters=4, warmup=0, optimizer="sgd", optimizer_config={"momentum": 0.9})
+  tr = Trainer(model(), sgd)
+  for step in range(2): tr.train_step([batch_at(data, step, 8, 12)])
+  tr.save_checkpoint(tmp_path)
+  back = Trainer(model(seed=1), sgd)
+  back.load_checkpoint(tmp_path)
+  for a, b in zip(tr.opt.b + tr.params, back.opt.b + back.params): np.testing.assert_array_equal(a.numpy(), b.numpy())
+  other = Trainer(model(seed=1), TrainConfig(lr=0.05, iters=4, warmup=0))
+  before = [t.numpy() for t in other.params + other.opt.m]
+  with pytest.raises(LoraError, match="a checkpoint of a sgd run, and this Trainer's optimizer is adamw"): other.load_checkpoint(tmp_path)
+  for a, t in zip(before, other.params + other.opt.m): np.testing.assert_array_equal(a, t.numpy())

@@ -22,7 +22,7 @@ from tinylora.formats import (ADAPTER_FORMATS, adapter_path, checkpoint, detect_
 from tinylora.generate import stream_generate
 from tinylora.preference import LOSSES, load_pairs, pair_batch_at, pair_eval_batches
 from tinylora.quant import QuantizedLinear
-from tinylora.train import Trainer, TrainConfig, fit
+from tinylora.train import OPTIMIZERS, SCHEDULES, Trainer, TrainConfig, fit
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,7 +53,12 @@ def _train_parser(sub) -> None:
   p.add_argument("--iters", type=int, help="optimizer steps (default 1000)")
   p.add_argument("--batch-size", type=int, help="sequences per step (default 4)")
   p.add_argument("--learning-rate", type=float, help="peak learning rate (default 1e-5, mlx-lm's)")
-  p.add_argument("--warmup", type=int, help="linear warmup steps before the cosine decay (default 0)")
+  p.add_argument("--warmup", type=int, help="linear warmup steps before the learning-rate schedule (default 0)")
+  p.add_argument("--lr-schedule", choices=SCHEDULES, help="after the warmup: cosine (the default) or linear decay to a "
+                 "tenth of the rate, or constant")
+  p.add_argument("--optimizer", choices=list(OPTIMIZERS), help="adamw (the default), adam, sgd or muon (tinygrad's); "
+                 "their settings from the -c config's optimizer_config (mlx-lm's spelling, e.g. {adamw: {betas: [0.9, "
+                 "0.98], eps: 1e-6, weight_decay: 0.01}})")
   p.add_argument("--num-layers", type=int, help="adapt the last N decoder layers, -1 for all (default 16)")
   p.add_argument("--max-seq-length", type=int, help="tokens per sequence; longer examples are truncated (default 2048)")
   p.add_argument("--loss-on", choices=LOSS_ON, help="what the loss sees: every assistant reply of chat data and the "
@@ -87,7 +92,8 @@ def _train_parser(sub) -> None:
   p.add_argument("--seed", type=int, help="random seed (default 0)")
 
 TRAIN_DEFAULTS = dict(train=False, test=False, iters=1000, batch_size=4, learning_rate=1e-5, warmup=0, num_layers=16,
-                      max_seq_length=2048, loss_on=None, mask_prompt=None, mode="sft", beta=0.1, rank=8, alpha=None, dropout=0.0, targets=ALL_LINEAR, dora=False,
+                      max_seq_length=2048, loss_on=None, mask_prompt=None, mode="sft", beta=0.1, optimizer="adamw",
+                      optimizer_config=None, lr_schedule="cosine", rank=8, alpha=None, dropout=0.0, targets=ALL_LINEAR, dora=False,
                       adapter_path="adapters", format="peft", resume_adapter_file=None, steps_per_eval=200,
                       val_batches=25, save_every=100, grad_checkpoint=False, devices=None, qlora=False, seed=0, model=None, data=None)
 
@@ -153,6 +159,15 @@ def _config_values(path: str) -> dict:
   if unknown := sorted(set(values) - set(TRAIN_DEFAULTS)): raise LoraError(f"{path}: unknown option(s) {unknown}")
   return values
 
+def _optimizer_settings(optimizer: str, config: dict | None) -> dict:
+  """TrainConfig's optimizer_config and weight_decay from a config file's optimizer_config: flat, or mlx-lm's
+  {optimizer name: {settings}} (the entry of the chosen optimizer)."""
+  if not config: return {}
+  if not isinstance(config, dict): raise LoraError(f"optimizer_config must be a mapping, found {config!r}")
+  if all(k in OPTIMIZERS and isinstance(v, dict) for k, v in config.items()): config = config.get(optimizer, {})
+  settings = {k: v for k, v in config.items() if k != "weight_decay"}
+  return {"optimizer_config": settings, **({"weight_decay": config["weight_decay"]} if "weight_decay" in config else {})}
+
 def _loss_on(*sources: dict) -> str:
   """--loss-on, or mlx-lm's mask_prompt (true: the last message, false: everything), command line over config file."""
   for values in sources:
@@ -163,7 +178,7 @@ def _loss_on(*sources: dict) -> str:
 def _train_args(args: argparse.Namespace) -> argparse.Namespace:
   """Command line over config file over defaults."""
   file = _config_values(args.config) if args.config else {}
-  merged = {k: v if (v := getattr(args, k)) is not None else file.get(k, default) for k, default in TRAIN_DEFAULTS.items()}
+  merged = {k: v if (v := getattr(args, k, None)) is not None else file.get(k, default) for k, default in TRAIN_DEFAULTS.items()}
   merged["alpha"] = merged["alpha"] if merged["alpha"] is not None else 2.0 * merged["rank"]
   merged["loss_on"] = _loss_on(vars(args), file)
   if merged["loss_on"] not in LOSS_ON: raise LoraError(f"loss_on must be one of {', '.join(LOSS_ON)}, found {merged['loss_on']!r}")
@@ -192,7 +207,9 @@ def train(a: argparse.Namespace) -> None:
   trainable, total = tl.count_parameters(model)
   print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
   preference = a.mode != "sft"
-  trainer = Trainer(model, TrainConfig(lr=a.learning_rate, iters=a.iters, warmup=a.warmup, grad_checkpoint=a.grad_checkpoint),
+  settings = _optimizer_settings(a.optimizer, a.optimizer_config)
+  trainer = Trainer(model, TrainConfig(lr=a.learning_rate, iters=a.iters, warmup=a.warmup, grad_checkpoint=a.grad_checkpoint,
+                                       optimizer=a.optimizer, lr_schedule=a.lr_schedule, **settings),
                     loss_fn=LOSSES[a.mode](a.beta) if preference else None, devices=a.devices.split(",") if a.devices else None)
   pad, val_batches = tokenizer.pad_id or 0, None if a.val_batches < 0 else a.val_batches
   load = (lambda f: load_pairs(data / f, tokenizer)) if preference else (lambda f: load_dataset(data / f, tokenizer, a.loss_on))

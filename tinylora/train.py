@@ -2,7 +2,7 @@
 clipping and a non-finite guard, and crash-safe checkpoints that resume on the same trajectory."""
 from __future__ import annotations
 import contextlib, math, os, pathlib, time
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, field
 from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from tinygrad import Context, Device, Tensor, function, nn, dtypes
@@ -54,11 +54,20 @@ def chunked_lm_loss(model: Any, tokens: Tensor, targets: Tensor, mask: Tensor, c
   total = sum(chunk(model.lm_head, h[i:i + rows], targets[i:i + rows], mask[i:i + rows]) for i in range(0, n + pad, rows))
   return total / mask.sum().maximum(1)
 
-def cosine_lr(step: int, lr: float, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.1) -> float:
-  """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `total_steps`."""
+SCHEDULES = ("cosine", "linear", "constant")
+# the optimizers (tinygrad's) and the optimizer_config keys each takes besides lr and weight_decay ("betas" = (b1, b2))
+OPTIMIZERS: dict[str, tuple[Callable[..., nn.optim.Optimizer], tuple[str, ...]]] = {
+  "adamw": (nn.optim.AdamW, ("betas", "b1", "b2", "eps")), "adam": (nn.optim.Adam, ("betas", "b1", "b2", "eps")),
+  "sgd": (nn.optim.SGD, ("momentum", "nesterov")), "muon": (nn.optim.Muon, ("momentum", "nesterov", "ns_steps"))}
+
+def learning_rate(step: int, lr: float, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.1,
+                  schedule: str = "cosine") -> float:
+  """Linear warmup to `lr`, then down to `lr * min_lr_ratio` at `total_steps` along a cosine or a straight line, or
+  `lr` throughout ("constant")."""
   if step < warmup_steps: return lr * (step + 1) / warmup_steps
   progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-  return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+  decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[schedule]
+  return lr * (min_lr_ratio + (1 - min_lr_ratio) * decay)
 
 @dataclass
 class TrainConfig:
@@ -71,6 +80,9 @@ class TrainConfig:
   accum_steps: int = 1
   # recompute each decoder layer in the backward: less memory, more FLOPs (bench/RESULTS.md, "Figures behind code comments")
   grad_checkpoint: bool = False
+  optimizer: str = "adamw"
+  optimizer_config: dict = field(default_factory=dict)  # the optimizer's other settings (OPTIMIZERS), e.g. {"betas": [0.9, 0.98]}
+  lr_schedule: str = "cosine"  # after the warmup: cosine or linear decay to lr * min_lr_ratio, or constant
 
   def __post_init__(self):
     def check(ok: bool, name: str, expected: str):
@@ -83,6 +95,22 @@ class TrainConfig:
     check(is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a finite number >= 0 (0: no clipping)")
     check(is_int(self.accum_steps) and self.accum_steps >= 1, "accum_steps", "an integer >= 1")
     check(isinstance(self.grad_checkpoint, bool), "grad_checkpoint", "True or False")
+    check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}")
+    check(self.lr_schedule in SCHEDULES, "lr_schedule", f"one of {', '.join(SCHEDULES)}")
+    keys = OPTIMIZERS[self.optimizer][1]
+    check(isinstance(self.optimizer_config, dict) and set(self.optimizer_config) <= set(keys), "optimizer_config",
+          f"a dict of {self.optimizer}'s settings: {', '.join(keys)} (weight_decay is TrainConfig.weight_decay)")
+    check(self.optimizer != "adam" or self.weight_decay == 0, "weight_decay", "0 with adam (adamw decays the weights)")
+
+  def lr_at(self, step: int) -> float:
+    return learning_rate(step, self.lr, self.iters, self.warmup, self.min_lr_ratio, self.lr_schedule)
+
+  def make_optimizer(self, params: list[Tensor]) -> nn.optim.Optimizer:
+    settings = dict(self.optimizer_config)
+    if "betas" in settings: settings["b1"], settings["b2"] = settings.pop("betas")
+    if self.optimizer != "adam": settings["weight_decay"] = self.weight_decay
+    try: return OPTIMIZERS[self.optimizer][0](params, lr=self.lr, **settings)
+    except (TypeError, ValueError) as e: raise LoraError(f"TrainConfig.optimizer_config = {self.optimizer_config!r}: {e}") from None
 
 def to_devices(model: Any, devices: str | Sequence[str]) -> Any:
   """Puts every tensor of `model` in place on one device, or a copy on each of several devices (the replicas of data
@@ -136,10 +164,11 @@ class Trainer:
     if dtypes.bfloat16 in base_dtypes: check_dtype(dtypes.bfloat16, self.params[0].device if self.devices is None else self.devices[0])
     self.loss_scale = LossScale() if dtypes.float16 in base_dtypes else None
     self.last_skipped = False
-    self.opt = nn.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+    self.opt = config.make_optimizer(self.params)
     # real buffers now, so checkpoints can be restored into them before the first step
-    self.opt.m, self.opt.v = [[t.contiguous().realize() for t in ts] for ts in (self.opt.m, self.opt.v)]
-    self.opt.b1_t, self.opt.b2_t = [t.contiguous().realize().is_param_(False) for t in (self.opt.b1_t, self.opt.b2_t)]
+    for name, state in checkpoint.optimizer_state(self.opt).items():
+      setattr(self.opt, name, [t.contiguous().realize() for t in state] if isinstance(state, list) else
+              state.contiguous().realize().is_param_(False))
     self.opt.lr.realize()
     self.grads = [Tensor.zeros(*p.shape, dtype=p.dtype, device=p.device).contiguous().realize() for p in self.params]
     Tensor.realize(*nn.state.get_parameters(model))  # see captured_step: nothing a step reads may be left to compute
@@ -235,7 +264,7 @@ class Trainer:
         losses.append(loss)
         metrics.append(values)
       c = self.config
-      grad_norm = self._apply(self._put(Tensor([cosine_lr(self.step, c.lr, c.iters, c.warmup, c.min_lr_ratio)]))).item()
+      grad_norm = self._apply(self._put(Tensor([c.lr_at(self.step)]))).item()
     if self.loss_scale is not None: self.loss_scale.update(overflow=False, step=self.step + 1)
     self.step += 1
     self.metrics = dict(zip(self.metric_names, np.mean(metrics, 0).tolist()))
@@ -260,7 +289,7 @@ class Trainer:
 
   def load_checkpoint(self, directory: str | os.PathLike) -> dict:
     """Restores LoRA tensors, optimizer state and step from the checkpoint `latest.json` names; returns its state."""
-    state = checkpoint.load(directory, self.model, self.opt)
+    state = checkpoint.load(directory, self.model, self.opt, self.config.optimizer)
     self.step = int(state["step"])
     if self.loss_scale is not None and is_number(state.get("loss_scale")): self.loss_scale.value = float(state["loss_scale"])
     return state
@@ -286,7 +315,7 @@ def fit(trainer: Trainer, train: list[Example], valid: list[Example] | None, bat
   start, tokens = time.perf_counter(), 0
   while trainer.step < c.iters:
     micro = [draw(train, trainer.step * c.accum_steps + i, batch_size, seq_len, seed, pad_id) for i in range(c.accum_steps)]
-    lr = cosine_lr(trainer.step, c.lr, c.iters, c.warmup, c.min_lr_ratio)
+    lr = c.lr_at(trainer.step)
     loss, grad_norm = trainer.train_step(micro)
     tokens += sum(b[0].size for b in micro)
     record = {"step": trainer.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
