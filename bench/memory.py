@@ -55,15 +55,16 @@ def pattern_batch(vocab: int, batch: int, seq: int, step: int):
   tokens = ((starts + np.arange(seq + 1)) % vocab).astype(np.int32)
   return tokens[:, :-1].copy(), tokens[:, 1:].copy(), np.ones((batch, seq), np.float32)
 
-def measure_one(name: str, base: str, ckpt: bool, batch: int, seq: int, steps: int) -> dict:
+def measure_one(name: str, base: str, ckpt: bool, batch: int, seq: int, steps: int, loss: str = "chunked") -> dict:
   from tinygrad import Device, GlobalCounters
   from tinylora.errors import LoraError
   from tinylora.engine import peak_memory
   from tinylora.models.decoder import callable_as_function
-  from tinylora.train import Trainer, TrainConfig
+  from tinylora.train import Trainer, TrainConfig, lm_loss
   try: model = build(name, base, seq)
   except LoraError as e: return dict(refused=str(e))
-  trainer = Trainer(model, TrainConfig(iters=steps, warmup=0, grad_checkpoint=ckpt))
+  full = (lambda m, tokens, targets, mask: lm_loss(m(tokens), targets, mask)) if loss == "full" else None
+  trainer = Trainer(model, TrainConfig(iters=steps, warmup=0, grad_checkpoint=ckpt), loss_fn=full)
   held, st, peaks = GlobalCounters.mem_used, time.perf_counter(), []  # held: weights, LoRA tensors, gradients, AdamW state
   for step in range(steps):  # step 1 captures the Trainer's TinyJits and runs them, later steps replay them
     GlobalCounters.reset()
@@ -74,12 +75,13 @@ def measure_one(name: str, base: str, ckpt: bool, batch: int, seq: int, steps: i
               kernels=GlobalCounters.kernel_count, gflops=GlobalCounters.global_ops / 1e9,
               seconds=time.perf_counter() - st, checkpointed_layers=sum(map(callable_as_function, model.model.layers)) if ckpt else 0)
 
-def memory(models: list[str], bases: list[str], checkpoint: list[bool], device: str, batch: int, seq: int, steps: int) -> list[dict]:
+def memory(models: list[str], bases: list[str], checkpoint: list[bool], device: str, batch: int, seq: int, steps: int,
+           loss: str = "chunked") -> list[dict]:
   rows = []
   for name in models:
     for base in bases:
       for ckpt in checkpoint:
-        case = dict(model=name, base=base, grad_checkpoint=ckpt, batch=batch, seq=seq)
+        case = dict(model=name, base=base, grad_checkpoint=ckpt, batch=batch, seq=seq, loss=loss)
         env = dict(os.environ, DEV=device, NULL_ALLOW_COPYOUT="1")  # NULL: the loss read back is 0, not computed
         out = subprocess.run([sys.executable, __file__, "--one", json.dumps(dict(case, steps=steps))], env=env,
                              capture_output=True, text=True)
@@ -130,17 +132,19 @@ if __name__ == "__main__":
   p.add_argument("--device", default=os.environ.get("DEV", "CPU"), help="device for the memory cases (NULL: run nothing)")
   p.add_argument("--grad-checkpoint", default="no,yes", help="the cases without (no) and with (yes) TrainConfig(grad_checkpoint)")
   p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--loss", choices=("chunked", "full"), default="chunked", help="the Trainer's default loss (chunked over "
+                 "positions when the logits are large) or lm_loss on the whole logits, to compare")
   p.add_argument("--json", help="write every number to this file")
   p.add_argument("--one", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.one:
     c = json.loads(args.one)
-    print(json.dumps(measure_one(c["model"], c["base"], c["grad_checkpoint"], c["batch"], c["seq"], c["steps"])))
+    print(json.dumps(measure_one(c["model"], c["base"], c["grad_checkpoint"], c["batch"], c["seq"], c["steps"], c["loss"])))
     sys.exit(0)
   results = {}
   if "memory" in args.sections:
     results["memory"] = memory(args.models.split(","), args.bases.split(","),
-                                [c == "yes" for c in args.grad_checkpoint.split(",")], args.device, 4, 512, args.steps)
+                                [c == "yes" for c in args.grad_checkpoint.split(",")], args.device, 4, 512, args.steps, args.loss)
     print_memory(results["memory"])
   if "losses" in args.sections:
     results["losses"] = losses(4, 256, 10)
