@@ -327,3 +327,6 @@ def test_config_fields_read_as_transformers_reads_them():
   assert ModelConfig.from_hf(dict(bare, final_logit_softcapping=None)).final_logit_softcapping is None
   assert ModelConfig.from_hf(dict(FAMILIES["gemma3_text"], attn_logit_softcapping=0.5)).attn_logit_softcapping is None
   assert ModelConfig.from_hf(dict(FAMILIES["mistral"], sliding_window=None)).sliding_window is None
+  # scales and caps of other families are ignored where the family does not apply them, as transformers' classes do
+  llama = ModelConfig.from_hf(dict(FAMILIES["llama"], logits_scaling=4.0, attn_logit_softcapping=5.0, query_pre_attn_scalar=3))
+  assert (llama.logits_scaling, llama.attn_logit_softcapping, llama.attention_scale) == (1.0, None, 8 ** -0.5)

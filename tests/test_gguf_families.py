@@ -164,8 +164,7 @@ def test_a_missing_or_unknown_family_tensor_is_named(tmp_path):
   ("mistral", dict(sliding_window=4), "layer_types"),
   ("gemma2", dict(query_pre_attn_scalar=16, head_dim=8, sliding_window=4, tie_word_embeddings=True), "attention_scale"),
   ("gemma2", dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=4, tie_word_embeddings=False), "no tensor 'output.weight'"),
-  ("smollm3", dict(num_hidden_layers=4, no_rope_layers=[1, 0, 1, 1]), "rope_layers"),
-  ("llama", dict(attn_logit_softcapping=5.0), "attn_logit_softcapping")])
+  ("smollm3", dict(num_hidden_layers=4, no_rope_layers=[1, 0, 1, 1]), "rope_layers")])
 def test_a_model_its_gguf_cannot_describe_is_refused_before_writing(tmp_path, model_type, extra, words):
   m = Model.from_config({**BASE, "model_type": model_type, **extra})
   m.file_metadata = VOCAB

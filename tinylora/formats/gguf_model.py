@@ -72,7 +72,10 @@ def config_from_gguf(kv: dict, tensors: dict[str, Any], where: str) -> dict:
             "attention_bias": "blk.0.attn_output.bias" in tensors, "mlp_bias": "blk.0.ffn_down.bias" in tensors,
             "bos_token_id": kv.get("tokenizer.ggml.bos_token_id"), "eos_token_id": kv.get("tokenizer.ggml.eos_token_id")}
   if rope_dim != head_dim: config["partial_rotary_factor"] = rope_dim / head_dim
-  if scaling := _rope_scaling(kv, tensors, arch, rope_dim, theta, where): config["rope_scaling"] = scaling
+  if scaling := _rope_scaling(kv, tensors, arch, rope_dim, theta, where):
+    config["rope_scaling"] = scaling
+    if "original_max_position_embeddings" in scaling:  # where transformers reads it first (Phi-3)
+      config["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
   for key, field, _, default in _CARRIED.get(arch, ()):
     if (value := kv.get(f"{arch}.{key}", default)) not in (None, 0): config[field] = value
   return config | _fixed(arch, config)

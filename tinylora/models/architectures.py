@@ -44,7 +44,7 @@ class Architecture:
   config_bias: bool = False           # attention_bias (q/k/v/o) and mlp_bias come from the config
   fused: bool = False                 # qkv_proj and gate_up_proj instead of q/k/v_proj and gate/up_proj (Phi-3)
   embed_scale_sqrt: bool = False      # embeddings times sqrt(hidden_size) (Gemma)
-  attn_softcap: bool = False          # the config's attn_logit_softcapping caps attention scores (Gemma 2; Gemma 3 ignores it)
+  reads: tuple[str, ...] = ()         # the config's scale and soft-cap fields the family applies (other families ignore them)
   layer_types: Callable[[dict], list[str]] = _all_full  # when the config does not list them
   rope_theta: float = 10000.0         # the default base
   local_rope_theta: float | None = None  # the base of sliding layers, when it differs (Gemma 3)
@@ -62,19 +62,21 @@ ARCHITECTURES: dict[str, Architecture] = {
   "qwen3": Architecture("Qwen3ForCausalLM", "qwen3", qk_norm="head", config_bias=True, layer_types=_qwen_window,
                         rope_theta=1e6),
   "gemma2": Architecture("Gemma2ForCausalLM", "gemma2", norms="sandwich", norm_plus_one=True, activation="gelu_pytorch_tanh",
-                         embed_scale_sqrt=True, attn_softcap=True, config_bias=True, layer_types=_every(2),
+                         embed_scale_sqrt=True, config_bias=True, layer_types=_every(2),
+                         reads=("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"),
                          defaults=(("head_dim", 256), ("query_pre_attn_scalar", 256), ("sliding_window", 4096),
                                    ("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0))),
   "gemma3_text": Architecture("Gemma3ForCausalLM", "gemma3", norms="sandwich", norm_plus_one=True, qk_norm="head",
                               activation="gelu_pytorch_tanh", embed_scale_sqrt=True, config_bias=True, layer_types=_every(6),
-                              rope_theta=1e6, local_rope_theta=1e4,
+                              rope_theta=1e6, local_rope_theta=1e4, reads=("query_pre_attn_scalar", "final_logit_softcapping"),
                               defaults=(("head_dim", 256), ("query_pre_attn_scalar", 256), ("sliding_window", 4096))),
   "phi3": Architecture("Phi3ForCausalLM", "phi3", fused=True, layer_types=_all_sliding, lora_targets=("qkv_proj",),
                        defaults=(("original_max_position_embeddings", 4096),)),
   "smollm3": Architecture("SmolLM3ForCausalLM", "smollm3", config_bias=True, no_rope=True, layer_types=_smollm3_window,
                            rope_theta=2e6, permute_qk=True),
   "olmo2": Architecture("Olmo2ForCausalLM", "olmo2", norms="post", qk_norm="projection", config_bias=True, rope_theta=5e5),
-  "granite": Architecture("GraniteForCausalLM", "granite", config_bias=True, permute_qk=True),
+  "granite": Architecture("GraniteForCausalLM", "granite", config_bias=True, permute_qk=True,
+                          reads=("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")),
 }
 # families refused with what they need, rather than "unsupported"
 NOT_SUPPORTED = {"qwen3_moe": "mixture-of-experts layers", "mixtral": "mixture-of-experts layers", "gpt_oss": "mixture-of-experts layers",
@@ -214,8 +216,10 @@ class ModelConfig:
       rope, local_rope = _ropes(cfg, arch, head_dim, where)
       act = cfg.get("hidden_activation") or cfg.get("hidden_act") or arch.activation
       if act not in ACTIVATIONS: raise LoraError(f"{where}: unsupported activation {act!r}; supported: {', '.join(ACTIVATIONS)}")
-      scale = cfg["query_pre_attn_scalar"] ** -0.5 if "query_pre_attn_scalar" in cfg else \
-        float(cfg["attention_multiplier"]) if "attention_multiplier" in cfg else head_dim ** -0.5
+      def read(key: str, default=None):  # a scale or soft-cap field, where the family applies it
+        return cfg.get(key, default) if key in arch.reads else default
+      scale = read("query_pre_attn_scalar", head_dim) ** -0.5 if "attention_multiplier" not in arch.reads else \
+        float(read("attention_multiplier", 1.0))
       bias = arch.config_bias and bool(cfg.get("attention_bias", False))
       return cls(model_type=model_type, hidden_size=hidden, intermediate_size=cfg["intermediate_size"], num_hidden_layers=layers,
                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=cfg["vocab_size"],
@@ -224,10 +228,10 @@ class ModelConfig:
                  layer_types=layer_types, rope_layers=rope_layers, sliding_window=window if SLIDING in layer_types else None,
                  attention_bias=arch.qkv_bias or bias, output_bias=bias,
                  mlp_bias=arch.config_bias and bool(cfg.get("mlp_bias", False)), hidden_act=act, attention_scale=float(scale),
-                 embedding_multiplier=math.sqrt(hidden) if arch.embed_scale_sqrt else float(cfg.get("embedding_multiplier", 1.0)),
-                 residual_multiplier=float(cfg.get("residual_multiplier", 1.0)), logits_scaling=float(cfg.get("logits_scaling", 1.0)),
-                 attn_logit_softcapping=cfg.get("attn_logit_softcapping") if arch.attn_softcap else None,
-                 final_logit_softcapping=cfg.get("final_logit_softcapping"), hf=hf)
+                 embedding_multiplier=math.sqrt(hidden) if arch.embed_scale_sqrt else float(read("embedding_multiplier", 1.0)),
+                 residual_multiplier=float(read("residual_multiplier", 1.0)), logits_scaling=float(read("logits_scaling", 1.0)),
+                 attn_logit_softcapping=read("attn_logit_softcapping"), final_logit_softcapping=read("final_logit_softcapping"),
+                 hf=hf)
     except KeyError as e: raise LoraError(f"{where} lacks required field {e.args[0]!r}") from e
 
   def to_hf(self) -> dict:
