@@ -6,11 +6,12 @@
   tinylora generate --model M [--adapter-path A] --prompt "..." [--max-tokens N --temp T]
   tinylora chat --model M [--adapter-path A] [--system "..."]
   tinylora convert --model M --adapter-path IN --save-path OUT --format mlx|peft|gguf
+  tinylora serve --model M [--adapter NAME=PATH ...] [--host 127.0.0.1 --port 8080 --max-batch 8]
 
 A model is a local Hugging Face directory (config.json, safetensors, tokenizer.json) or a .gguf file. Errors print one
 line and exit with status 1 (2 for a bad command line)."""
 from __future__ import annotations
-import argparse, json, math, pathlib, sys
+import argparse, json, math, pathlib, signal, sys
 from typing import Iterator, Sequence
 from tinygrad import Tensor, dtypes
 import tinylora as tl
@@ -22,6 +23,7 @@ from tinylora.formats import (ADAPTER_FORMATS, adapter_path, checkpoint, detect_
 from tinylora.generate import stream_generate
 from tinylora.preference import LOSSES, load_pairs, pair_batch_at, pair_eval_batches
 from tinylora.quant import QuantizedLinear
+from tinylora.server import Engine, model_id, serve as serve_http
 from tinylora.train import OPTIMIZERS, SCHEDULES, Trainer, TrainConfig, fit
 
 
@@ -122,6 +124,23 @@ def _parser() -> argparse.ArgumentParser:
   _model_flag(t)
   _sampling_flags(t)
   t.add_argument("--system", help="a system message opening every conversation")
+  v = sub.add_parser("serve", help="serve the model and its adapters over an OpenAI-compatible HTTP API",
+                     description="Answers /v1/chat/completions and /v1/completions (streaming or not) for --model and "
+                     "every --adapter, listed by /v1/models; /v1/load_lora_adapter and /v1/unload_lora_adapter change "
+                     "the adapters while serving. Requests share each decode step whatever adapter they use. A GGUF is "
+                     "dequantized to float32 unless --qlora. Ctrl-C (or SIGTERM) stops taking requests, lets the running "
+                     "ones finish and exits; a second one ends them too.")
+  _model_flag(v)
+  v.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                 help="an adapter to serve as model NAME, in any format load_adapter reads (repeatable)")
+  v.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only)")
+  v.add_argument("--port", type=int, default=8080, help="the port (default 8080; 0 picks a free one)")
+  v.add_argument("--served-model-name", help="the base model's id in the API (default: the model's directory or file name)")
+  v.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8); more wait in the queue")
+  v.add_argument("--max-len", type=int, help="the context per request, prompt and reply (default: the model's, at most 2048)")
+  v.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 429 is answered (default 64)")
+  v.add_argument("--prefill-chunk", type=int, default=32, help="prompt tokens cached per prefill step (default 32)")
+  v.add_argument("--qlora", action="store_true", help="keep a GGUF's Q4/Q8 weights packed (less memory, slower on the CPU)")
   c = sub.add_parser("convert", help="rewrite an adapter in another format", description="Loads the adapter at "
                      "--adapter-path onto --model (checking every tensor) and writes it to --save-path in --format.")
   _model_flag(c)
@@ -278,6 +297,19 @@ def chat(a: argparse.Namespace) -> None:
     ids = reply(tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True)))
     messages.append({"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)})
 
+def serve(a: argparse.Namespace) -> None:
+  adapters = dict(spec.split("=", 1) for spec in a.adapter if "=" in spec)
+  if bad := [spec for spec in a.adapter if "=" not in spec or not spec.split("=", 1)[0]]:
+    raise LoraError(f"--adapter takes NAME=PATH, found {bad[0]!r}")
+  model, tokenizer = _load_model(a.model, packed=a.qlora), load_tokenizer(a.model)
+  max_len = a.max_len or min(model.config.max_position_embeddings, 2048)
+  engine = Engine(model, tokenizer, a.served_model_name or model_id(a.model), adapters, a.max_batch, max_len, a.prefill_chunk, a.max_queue)
+  for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, lambda *_: engine.stop())
+  def ready(server) -> None:
+    host, port = server.server_address[:2]
+    print(f"serving {', '.join(i for i, _ in engine.models())} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+  serve_http(engine, a.host, a.port, ready)
+
 def convert(a: argparse.Namespace) -> None:
   """Loads the adapter onto its base model (which checks every tensor), then saves it in the other format."""
   source = detect_adapter_format(a.adapter_path)
@@ -288,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     if args.command == "train": train(_train_args(args))
-    else: {"fuse": fuse, "generate": generate, "chat": chat, "convert": convert}[args.command](args)
+    else: {"fuse": fuse, "generate": generate, "chat": chat, "serve": serve, "convert": convert}[args.command](args)
   except (LoraError, OSError, ImportError) as e:
     print(f"tinylora {args.command}: error: {e}", file=sys.stderr)
     return 1

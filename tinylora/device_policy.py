@@ -13,7 +13,7 @@ per kernel; none patches tinygrad. How a choice reaches tinygrad is tinylora.eng
   generate's decode step; `cpu_matmul_shapes` for any block); every other kernel keeps tinygrad's choice.
 """
 from __future__ import annotations
-import contextlib
+import contextlib, math
 from typing import Any, Callable
 from tinygrad import Tensor, TinyJit, dtypes, nn
 from tinylora.engine import KernelOpt, KernelShapes, MatmulKernel, captured_jit, custom_gradient, is_training, kernel_shapes
@@ -66,7 +66,13 @@ def cpu_matmul_plan(m: MatmulKernel) -> list[KernelOpt] | None:
   products, slower still when the reduction runs down the columns of an operand. Measured faster (bench/RESULTS.md):
   with the reduction contiguous in both inputs (x @ W.T), upcast 4 x 8 outputs and unroll 4; with an output axis
   contiguous in an input (dy @ W, weight gradients), upcast that axis 16 and the other 4, as outer products into
-  scalar accumulators that clang vectorises. The numbers are the same up to float rounding (another summation order)."""
+  scalar accumulators that clang vectorises. A product of a few rows (x @ W.T for 2 to 63 rows: a decode step's batch,
+  a prefill chunk, their LoRA products) takes the first shape with the rows upcast as far as they divide 8; tinygrad's
+  heuristic reads the weight once per row or two there. The numbers are the same up to float rounding (another
+  summation order)."""
+  rows, cols = m.outputs
+  if m.contiguous_output is None and 2 <= rows < 64 and (up := math.gcd(rows, 8)) > 1:
+    return [KernelOpt("upcast", 1, 4), KernelOpt("upcast", 0, up), KernelOpt("unroll", 0, 4)]
   if min(*m.outputs, m.reduction) < 64: return None
   if (a := m.contiguous_output) is None: return [KernelOpt("upcast", 1, 4), KernelOpt("upcast", 0, 8), KernelOpt("unroll", 0, 4)]
   return [KernelOpt("upcast", a, 16), KernelOpt("upcast", 1 - a, 4)]

@@ -7,6 +7,7 @@ from tinygrad import Tensor, dtypes, nn
 from tinylora.config import DEFAULT_TARGETS, LoraConfig
 from tinylora.errors import LoraError
 from tinylora.device_policy import base_forward, merge_on_the_fly
+from tinylora.engine import is_training
 from tinylora.quant import QuantizedEmbedding, QuantizedLinear, linear_shape
 from tinylora.tree import named_modules, replace_module, unique_state_dict
 
@@ -122,11 +123,18 @@ class LoraLinear:
     # the low-rank delta in its own small kernels, added in the base matmul's epilogue: a kernel holding both
     # reductions gets none of tinygrad's matmul optimisations (and sums the base product in another order)
     if self.row_masks is None: return y + self.adapter.output_delta(x, y, self.base)
-    out = y
-    for name, mask in self.row_masks.items():  # mixed batch: every adapter over the whole batch, kept on its own rows
-      _check_rows(mask.shape[0], x.shape[0])
-      if name in self.adapters: out = out + self.adapters[name].output_delta(x, y, self.base) * mask.cast(y.dtype)
-    return out
+    for mask in self.row_masks.values(): _check_rows(mask.shape[0], x.shape[0])
+    routed = [(self.adapters[n], mask) for n, mask in self.row_masks.items() if n in self.adapters]
+    if not routed: return y
+    if any(a.use_dora or (a.dropout and is_training()) for a, _ in routed):
+      # mixed batch: every adapter over the whole batch, kept on its own rows
+      return y + sum(a.output_delta(x, y, self.base) * mask.cast(y.dtype) for a, mask in routed)
+    # every adapter in two products whatever their number: x @ [A_1; A_2; ...].T, of which each row keeps its own
+    # adapter's ranks, times [s_1 B_1, s_2 B_2, ...].T
+    A, B = Tensor.cat(*[a.lora_A for a, _ in routed]), Tensor.cat(*[a.lora_B * a.scale for a, _ in routed], dim=1)
+    keep = Tensor.cat(*[mask.reshape(-1, 1).expand(mask.shape[0], a.r) for a, mask in routed], dim=1)  # (batch, sum of ranks)
+    h = (x.cast(A.dtype) @ A.T) * keep.reshape(keep.shape[0], *[1] * (x.ndim - 2), keep.shape[1])
+    return y + (h @ B.T).cast(y.dtype).contiguous()
 
   def delta_weight(self) -> Tensor:
     """The active adapter's update of the base weight, shaped (out, in): scale * B @ A, or for DoRA the merged weight
@@ -372,15 +380,22 @@ def mixed_batch(model: Any, adapter_names: list[str], batch_size: int | None = N
   equal to running its adapter alone, in one batched pass: every adapter's output is computed over the batch and kept
   on its own rows. Nothing is merged. generate(..., adapter_names=...) uses this; a model call inside the block, e.g.
   `with mixed_batch(model, ["chat", BASE]): logits = model(tokens)`, routes its rows the same way."""
-  layers = [m for _, m, _, _ in _linears(model, lora_only=True)]
   if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
     raise LoraError(f"adapter_names must be a list of adapter names, one per batch row, found {adapter_names!r}")
   if batch_size is not None: _check_rows(len(adapter_names), batch_size)
+  masks = {n: Tensor([[[float(r == n)]] for r in adapter_names]).realize() for n in dict.fromkeys(adapter_names) if n != BASE}
+  with routed_rows(model, masks): yield model
+
+@contextlib.contextmanager
+def routed_rows(model: Any, masks: dict[str, Tensor]) -> Iterator[Any]:
+  """Inside this block every LoRA linear adds adapter `name`'s output only to the batch rows where `masks[name]`
+  (B, 1, 1) is 1, and no adapter on rows no mask selects. The masks are data: a step captured inside the block
+  routes rows by the values its mask tensors hold when it runs (continuous batching changes them between steps)."""
+  layers = [m for _, m, _, _ in _linears(model, lora_only=True)]
   known = list_adapters(model)
-  if unknown := sorted({n for n in adapter_names if n not in known and n != BASE}):
+  if unknown := sorted(n for n in masks if n not in known):
     raise LoraError(f"adapter_names holds unknown adapter(s) {unknown}; the model has {known or 'none'} (and {BASE!r} for the base)")
   if any(l.merged for l in layers): raise LoraError("mixed batches need unmerged adapters; unmerge(model) first")
-  masks = {n: Tensor([[[float(r == n)]] for r in adapter_names]).realize() for n in dict.fromkeys(adapter_names) if n != BASE}
   for l in layers: l.row_masks = masks
   try: yield model
   finally:

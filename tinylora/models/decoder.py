@@ -10,6 +10,7 @@ nothing of LoRA.
 """
 from __future__ import annotations
 import functools
+from dataclasses import dataclass
 import numpy as np
 from tinygrad import Tensor, UOp, dtypes, function, nn
 from tinygrad.dtype import DType
@@ -57,6 +58,16 @@ class RMSNorm(nn.RMSNorm):
 def _activation(name: str):
   return Tensor.silu if name in ("silu", "swish") else Tensor.gelu  # tinygrad's gelu is GELU's tanh approximation
 
+@dataclass(frozen=True)
+class RowPositions:
+  """Where each row's one new token sits when the rows of a batch are at different positions (continuous batching):
+  row b at `positions[b]`, attending to its cached keys [0, positions[b]]. `end` (a bound Variable, at least 1 + the
+  largest position) is how much of the cache the step reads, so one captured step serves every length."""
+  positions: Tensor  # (B,) int
+  end: UOp | int
+
+Start = int | UOp | RowPositions  # the position of a sequence's first new token, or each row's one new token
+
 class KVCache:
   """Fixed-size key/value buffers of shape (batch, kv_heads, max_len, head_dim) per layer. Their size never changes, so
   a TinyJit'd decode step that writes position `start_pos` (a bound Variable) replays without recompiling."""
@@ -66,12 +77,23 @@ class KVCache:
     self.k = [Tensor.zeros(*shape, dtype=dtype, device=device).contiguous().realize() for _ in range(config.num_hidden_layers)]
     self.v = [Tensor.zeros(*shape, dtype=dtype, device=device).contiguous().realize() for _ in range(config.num_hidden_layers)]
 
-  def update(self, layer: int, k: Tensor, v: Tensor, start_pos: int | UOp) -> tuple[Tensor, Tensor]:
-    """Writes k and v at [start_pos, start_pos+T) and returns the keys and values of positions [0, start_pos+T)."""
-    end = start_pos + k.shape[2]
-    self.k[layer][:, :, start_pos:end].assign(k.cast(self.k[layer].dtype))
-    self.v[layer][:, :, start_pos:end].assign(v.cast(self.v[layer].dtype))
+  def update(self, layer: int, k: Tensor, v: Tensor, start_pos: Start) -> tuple[Tensor, Tensor]:
+    """Writes k and v (B, kv_heads, T, head_dim) at [start_pos, start_pos+T) (with RowPositions: row b's one token at
+    its own position) and returns the keys and values of positions [0, end)."""
+    if isinstance(start_pos, RowPositions):
+      end, at = start_pos.end, Tensor.arange(start_pos.end).reshape(1, 1, -1, 1) == start_pos.positions.reshape(-1, 1, 1, 1)
+      for cache, new in ((self.k[layer], k), (self.v[layer], v)): cache[:, :, :end].assign(at.where(new.cast(cache.dtype), cache[:, :, :end]))
+    else:
+      end = start_pos + k.shape[2]
+      self.k[layer][:, :, start_pos:end].assign(k.cast(self.k[layer].dtype))
+      self.v[layer][:, :, start_pos:end].assign(v.cast(self.v[layer].dtype))
     return self.k[layer][:, :, :end].cast(k.dtype), self.v[layer][:, :, :end].cast(v.dtype)
+
+  def row(self, row: int | UOp) -> KVCache:
+    """The cache of batch row `row` alone (a view: writes land in this cache), e.g. to prefill one row's prompt."""
+    view = object.__new__(KVCache)
+    view.max_len, view.k, view.v = self.max_len, [k[row:row + 1] for k in self.k], [v[row:row + 1] for v in self.v]
+    return view
 
 # The .contiguous() calls below materialise tensors that feed matmuls (normed inputs, q and k after RoPE, attention
 # probabilities, the MLP hidden); without them tinygrad fuses the elementwise work into the matmul and recomputes it per
@@ -96,7 +118,7 @@ class Attention:
       self.k_norm = RMSNorm(c.head_dim if per_head else kv, c.rms_norm_eps, c.arch.norm_plus_one)
     self.window = c.sliding_window if c.layer_types[layer] == SLIDING else None
 
-  def __call__(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, start_pos: int | UOp, cache: KVCache | None,
+  def __call__(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, start_pos: Start, cache: KVCache | None,
                saved: list[Tensor] | None = None) -> Tensor:
     c, (B, T, _) = self.config, x.shape
     heads, kv_heads, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -117,14 +139,23 @@ class Attention:
     scores = (q @ k.transpose(-1, -2)).float() * c.attention_scale
     if (cap := c.attn_logit_softcapping) is not None: scores = (scores / cap).tanh() * cap
     scores = scores.contiguous()
-    # query i sits at position start_pos + i: causal, and within the window on sliding layers (key j > start_pos + i - window)
-    if T > 1: scores = scores + Tensor.full((T, start_pos + T), float("-inf"), device=x.device).triu(start_pos + 1)
-    if self.window is not None and (start_pos.vmax if isinstance(start_pos, UOp) else start_pos) + T > self.window:
-      scores = scores + Tensor.full((T, start_pos + T), float("-inf"), device=x.device).tril(start_pos - self.window)
+    if isinstance(start_pos, RowPositions): scores = scores + self._row_mask(start_pos).reshape(B, 1, 1, 1, -1)
+    else:
+      # query i sits at position start_pos + i: causal, and within the window on sliding layers (key j > start_pos + i - window)
+      if T > 1: scores = scores + Tensor.full((T, start_pos + T), float("-inf"), device=x.device).triu(start_pos + 1)
+      if self.window is not None and (start_pos.vmax if isinstance(start_pos, UOp) else start_pos) + T > self.window:
+        scores = scores + Tensor.full((T, start_pos + T), float("-inf"), device=x.device).tril(start_pos - self.window)
     probs = scores.softmax(-1).cast(x.dtype).contiguous()
     if saved is not None: saved += [q, k, v, scores, probs]
     out = (probs @ v).reshape(B, heads, T, hd).transpose(1, 2).reshape(B, T, heads * hd)
     return base_forward(self.o_proj, out)
+
+  def _row_mask(self, rows: RowPositions) -> Tensor:
+    """(B, end): 0 where row b's token at positions[b] may attend key j (j <= positions[b], and within the window on
+    sliding layers), -inf elsewhere."""
+    j, pos = Tensor.arange(rows.end).reshape(1, -1), rows.positions.reshape(-1, 1)
+    visible = (j <= pos) if self.window is None else (j <= pos) & (j > pos - self.window)
+    return visible.where(0.0, float("-inf"))
 
 class MLP:
   def __init__(self, config: ModelConfig):
@@ -158,7 +189,7 @@ class DecoderLayer:
              "post": ("post_attention_layernorm", "post_feedforward_layernorm")}[c.arch.norms]
     for name in names: setattr(self, name, RMSNorm(c.hidden_size, c.rms_norm_eps, c.arch.norm_plus_one))
 
-  def __call__(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, start_pos: int | UOp, cache: KVCache | None,
+  def __call__(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, start_pos: Start, cache: KVCache | None,
                saved: list[Tensor] | None = None) -> Tensor:
     norms, r = self.config.arch.norms, self.config.residual_multiplier
     attn_in = self.input_layernorm(x).contiguous() if norms != "post" else x
@@ -205,7 +236,8 @@ class Model:
   """A causal decoder LM. `model(tokens)` maps int tokens (B, T) to float32 logits (B, T, vocab).
 
   With a `KVCache` (see `make_cache`), `model(tokens, start_pos, cache)` treats `tokens` as positions
-  [start_pos, start_pos+T), stores their keys and values and attends to everything cached before them."""
+  [start_pos, start_pos+T), stores their keys and values and attends to everything cached before them; with
+  `RowPositions`, each row's one token sits at that row's own position."""
   def __init__(self, config: ModelConfig):
     self.config = config
     self.file_metadata = FrozenMapping()  # metadata of the file it was read from, carried into files saved from it
@@ -236,22 +268,27 @@ class Model:
   def make_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
     return KVCache(self.config, batch, max_len or self.config.max_position_embeddings, self.dtype, self.model.norm.weight.device)
 
-  def __call__(self, tokens: Tensor, start_pos: int | UOp = 0, cache: KVCache | None = None) -> Tensor:
+  def __call__(self, tokens: Tensor, start_pos: Start = 0, cache: KVCache | None = None) -> Tensor:
     return self.logits(self.hidden(tokens, start_pos, cache))
 
-  def hidden(self, tokens: Tensor, start_pos: int | UOp = 0, cache: KVCache | None = None) -> Tensor:
+  def hidden(self, tokens: Tensor, start_pos: Start = 0, cache: KVCache | None = None) -> Tensor:
     """The final norm's output (B, T, hidden): what the output head reads (a loss may apply the head in chunks)."""
     if tokens.ndim != 2 or not dtypes.is_int(tokens.dtype):
       raise LoraError(f"tokens must be an integer tensor of shape (batch, time), found {tokens.dtype} {tokens.shape}")
     if cache is None and not (isinstance(start_pos, int) and start_pos == 0): raise LoraError("start_pos > 0 needs a KV cache")
-    c, T = self.config, tokens.shape[1]
+    c, (B, T) = self.config, tokens.shape
+    if isinstance(start_pos, RowPositions) and (T != 1 or start_pos.positions.shape != (B,)):
+      raise LoraError(f"rows at their own positions take one token each and one position per row: tokens {tokens.shape}, "
+                      f"positions {start_pos.positions.shape}")
     max_len = cache.max_len if cache is not None else T
-    end = (start_pos.vmax if isinstance(start_pos, UOp) else start_pos) + T
-    if end > max_len: raise LoraError(f"positions up to {end} do not fit the KV cache of {max_len}")
-    tables = {}  # cos and sin of positions [start_pos, start_pos+T) per RoPE: layer kinds may differ in base, or have none
+    last = start_pos.end if isinstance(start_pos, RowPositions) else start_pos + T
+    if (end := last.vmax if isinstance(last, UOp) else last) > max_len: raise LoraError(f"positions up to {end} do not fit the KV cache of {max_len}")
+    tables = {}  # cos and sin of the new tokens' positions per RoPE: layer kinds may differ in base, or have none
     for rope in {layer.rope for layer in self.model.layers} - {None}:
       cos, sin = _rope_table(rope, max_len, self.model.norm.weight.device)
-      tables[rope] = cos[start_pos:start_pos + T].cast(self.dtype), sin[start_pos:start_pos + T].cast(self.dtype)
+      if isinstance(start_pos, RowPositions): cos, sin = (t[start_pos.positions].reshape(B, 1, 1, -1) for t in (cos, sin))
+      else: cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
+      tables[rope] = cos.cast(self.dtype), sin.cast(self.dtype)
     x = self.model.embed_tokens(tokens)
     if c.embedding_multiplier != 1: x = x * Tensor(c.embedding_multiplier, dtype=x.dtype, device=x.device)
     for layer in self.model.layers:
