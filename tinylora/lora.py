@@ -131,7 +131,8 @@ class LoraLinear:
       return y + sum(a.output_delta(x, y, self.base) * mask.cast(y.dtype) for a, mask in routed)
     # every adapter in two products whatever their number: x @ [A_1; A_2; ...].T, of which each row keeps its own
     # adapter's ranks, times [s_1 B_1, s_2 B_2, ...].T
-    A, B = Tensor.cat(*[a.lora_A for a, _ in routed]), Tensor.cat(*[a.lora_B * a.scale for a, _ in routed], dim=1)
+    A = Tensor.cat(*[a.lora_A for a, _ in routed]).contiguous()  # (sum of ranks, in), copied: the matmuls stay plain
+    B = Tensor.cat(*[a.lora_B * a.scale for a, _ in routed], dim=1).contiguous()  # (out, sum of ranks)
     keep = Tensor.cat(*[mask.reshape(-1, 1).expand(mask.shape[0], a.r) for a, mask in routed], dim=1)  # (batch, sum of ranks)
     h = (x.cast(A.dtype) @ A.T) * keep.reshape(keep.shape[0], *[1] * (x.ndim - 2), keep.shape[1])
     return y + (h @ B.T).cast(y.dtype).contiguous()
