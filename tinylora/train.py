@@ -230,7 +230,8 @@ class Trainer:
     """x on the Trainer's devices: split along `axis` across them, or (axis None) a copy on each."""
     return x if self.devices is None else x.shard(self.devices, axis).realize()
 
-  def _batch(self, tokens: np.ndarray, targets: np.ndarray, mask: np.ndarray, *packing: np.ndarray) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+  def _batch(self, tokens: np.ndarray, targets: np.ndarray, mask: np.ndarray,
+             *packing: np.ndarray) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
     """The batch's (tokens, targets, mask) on the devices, and a packed batch's positions and segments by name."""
     if self.devices is not None and len(tokens) % len(self.devices):
       raise LoraError(f"a batch of {len(tokens)} sequences does not split evenly across the {len(self.devices)} devices "
