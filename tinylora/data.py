@@ -1,6 +1,7 @@
 """Fine-tuning data in mlx-lm's JSONL formats: {"text"}, {"prompt", "completion"}, {"messages": [...], "tools": [...]},
-tokenized with loss weights (what the loss sees: `LOSS_ON`), and fixed-shape batches that are a pure function of (seed, step) so a resumed run
-sees exactly the batches the uninterrupted one would have."""
+tokenized with loss weights (what the loss sees: `LOSS_ON`), and fixed-shape batches (one example per row, or packed:
+several per row) that are a pure function of (seed, step) so a resumed run sees exactly the batches the uninterrupted
+one would have."""
 from __future__ import annotations
 import json, os, pathlib
 from typing import Any, Iterable
