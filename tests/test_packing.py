@@ -96,6 +96,17 @@ def test_packed_logits_loss_and_gradients_equal_the_examples_alone(cfg, layers):
 
 # ---- the Trainer and fit
 
+def test_a_packed_step_splits_across_devices():
+  """Data parallel (two virtual CPU devices): positions and segments split with the rows, the same steps as one device."""
+  exs = examples((9, 4, 6, 12, 3, 7, 5, 10, 11, 2))
+  rows = pack_rows(exs, SEQ)[:4]
+  batch = make_packed_batch([[exs[i] for i in row] for row in rows], SEQ)
+  runs = []
+  for devices in (("CPU",), ("CPU:0", "CPU:1")):
+    trainer = Trainer(lora_model(LLAMA), TrainConfig(lr=1e-2, iters=2, warmup=0), devices=devices)
+    runs.append([trainer.train_step([batch]) for _ in range(2)])
+  np.testing.assert_allclose(runs[1], runs[0], rtol=2e-6)
+
 def test_a_packed_train_step_equals_the_unpacked_one():
   """The Trainer's captured step on a packed batch (2 rows) gives the loss, gradient norm and update of the same examples
   one per row (6 rows)."""
