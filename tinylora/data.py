@@ -170,7 +170,8 @@ def make_packed_batch(rows: Iterable[list[Example]], seq_len: int, pad_id: int =
   for r, row in enumerate(rows):
     if not row: continue
     lengths = np.array([_positions(seq, seq_len) for seq, _ in row])
-    if (n := int(lengths.sum())) > seq_len: raise LoraError(f"row {r}: its examples take {n} positions, more than seq_len={seq_len}")
+    if (n := int(lengths.sum())) > seq_len:
+      raise LoraError(f"row {r}: its examples take {n} positions, more than seq_len={seq_len}")
     alone = make_batch(row, seq_len, pad_id)
     example, at = np.nonzero(np.arange(seq_len) < lengths[:, None])  # each example's positions, in order
     for out, a in zip((tokens, targets, mask), alone): out[r, :n] = a[example, at]
@@ -184,7 +185,8 @@ def packed_batch_at(examples: list[Example], step: int, batch_size: int, seq_len
   covers every example once."""
   _check_sizes(batch_size=batch_size, seq_len=seq_len)
   rows = pack_rows(examples, seq_len, seed) if rows is None else rows
-  return make_packed_batch([[examples[i] for i in rows[k]] for k in picks_at(len(rows), step, batch_size, seed)], seq_len, pad_id)
+  picks = picks_at(len(rows), step, batch_size, seed)
+  return make_packed_batch([[examples[i] for i in rows[k]] for k in picks], seq_len, pad_id)
 
 def packed_eval_batches(examples: list[Example], batch_size: int, seq_len: int, pad_id: int = 0, max_batches: int | None = None):
   """Fixed-shape packed batches covering the examples in order (the last one filled with empty rows)."""
