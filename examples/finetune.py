@@ -15,7 +15,7 @@ import argparse, importlib.metadata, json, pathlib, random, shlex, sys, time
 import numpy as np
 from tinygrad import Tensor, Device, dtypes
 import tinylora as tl
-from tinylora.data import LOSS_ON, encode_example, eval_batches, load_dataset
+from tinylora.data import LOSS_ON, encode_example, eval_batches, load_dataset, packed_eval_batches
 from tinylora.generate import generate
 from tinylora import load_pretrained, load_tokenizer, save_pretrained
 from tinylora.models import Model
@@ -87,6 +87,8 @@ def parse_args() -> argparse.Namespace:
   p.add_argument("--batch-size", type=int, default=4)
   p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
   p.add_argument("--seq-len", type=int)
+  p.add_argument("--pack", action="store_true", help="pack several examples into each row of --seq-len, each attending "
+                 "only to itself (the same loss and gradients with less padding)")
   p.add_argument("--grad-clip", type=float, default=1.0)
   p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="the base model's dtype (LoRA tensors and "
                  "optimizer state stay float32; float16 trains with a loss scale); default: float32, or float16 with --qlora")
@@ -168,11 +170,11 @@ def main() -> None:
                                        accum_steps=args.accum, grad_checkpoint=args.grad_checkpoint),
                     devices=args.devices.split(",") if args.devices else None)
   if args.resume: print(f"resumed at step {trainer.load_checkpoint(out / 'checkpoints')['step']}")
-  valid_b = eval_batches(valid, args.batch_size, args.seq_len, tokenizer.pad_id)
+  valid_b = (packed_eval_batches if args.pack else eval_batches)(valid, args.batch_size, args.seq_len, tokenizer.pad_id)
   val_before = trainer.evaluate(valid_b)
   train_start = time.perf_counter()
   history = fit(trainer, train, valid, args.batch_size, args.seq_len, seed=args.seed, pad_id=tokenizer.pad_id,
-                val_every=args.val_every, checkpoint_dir=out / "checkpoints", save_every=args.save_every)
+                val_every=args.val_every, checkpoint_dir=out / "checkpoints", save_every=args.save_every, pack=args.pack)
   train_seconds = time.perf_counter() - train_start
   if args.devices: to_devices(model, Device.DEFAULT)  # judging, logits and merging run on one device
   val_after = next((h["val_loss"] for h in reversed(history) if "val_loss" in h), val_before)

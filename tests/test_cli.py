@@ -162,6 +162,13 @@ def test_generate_on_a_gemma3_directory(capsys, tmp_path, model_dir):
   rc, out, err = run(capsys, "generate", "--model", tmp_path, "--prompt", "the sky is", "--max-tokens", 6)
   assert rc == 0 and out == want + "\n", err
 
+def test_train_packed(capsys, tmp_path, model_dir, data_dir):
+  """`tinylora train --pack`: packed training, validation and test batches (which the step's fixed shape requires)."""
+  rc, out, err = run(capsys, "train", "--model", model_dir, "--data", data_dir, "--train", "--test", "--pack",
+                     "--adapter-path", tmp_path / "adapters", *TRAIN)
+  assert rc == 0, err
+  assert "test loss" in out and (tmp_path / "adapters" / "adapter_config.json").exists()
+
 @pytest.mark.parametrize("mode", ["dpo", "orpo"])
 def test_train_preference_modes(capsys, tmp_path, model_dir, mode):
   """`tinylora train --mode dpo|orpo` on TRL-style rows: trains, saves the adapter, and reports the reward margin and

@@ -240,6 +240,7 @@ def test_fit_end_to_end(tmp_path):
   assert [h["step"] for h in history if "val_loss" in h] == [3, 6, 7]  # every 3 steps and at the end
   assert [h["lr"] for h in history] == [learning_rate(s, c.lr, c.iters, c.warmup, c.min_lr_ratio) for s in range(7)]
   assert all(math.isfinite(h["loss"]) and h["grad_norm"] > 0 and h["tokens_per_s"] > 0 for h in history)
+  assert all(h["real_tokens"] == 4 * 12 for h in history)  # 4 rows of 12 scored targets each
   assert "first_step_s" in history[0]
   valid_b = eval_batches(valid, 4, 12, max_batches=2)
   assert history[-1]["val_loss"] == pytest.approx(tr.evaluate(valid_b), rel=1e-6)

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 from tinygrad import Tensor, dtypes
 import tinylora as tl
 from tinylora.config import ALL_LINEAR
-from tinylora.data import LOSS_ON, eval_batches, load_dataset
+from tinylora.data import LOSS_ON, eval_batches, load_dataset, packed_eval_batches
 from tinylora.errors import LoraError
 from tinylora.formats import (ADAPTER_FORMATS, adapter_path, checkpoint, detect_adapter_format, detect_model_format,
                               load_adapter, load_pretrained, load_tokenizer, save_adapter, save_pretrained)
@@ -63,6 +63,8 @@ def _train_parser(sub) -> None:
                  "0.98], eps: 1e-6, weight_decay: 0.01}})")
   p.add_argument("--num-layers", type=int, help="adapt the last N decoder layers, -1 for all (default 16)")
   p.add_argument("--max-seq-length", type=int, help="tokens per sequence; longer examples are truncated (default 2048)")
+  p.add_argument("--pack", action="store_true", default=None, help="pack several examples into each sequence of "
+                 "--max-seq-length, each attending only to itself (same loss and gradients, less padding; sft only)")
   p.add_argument("--loss-on", choices=LOSS_ON, help="what the loss sees: every assistant reply of chat data and the "
                  "completion of prompt/completion data (assistant, the default, as in the example), the last message "
                  "only (last), or every token (all)")
@@ -94,7 +96,7 @@ def _train_parser(sub) -> None:
   p.add_argument("--seed", type=int, help="random seed (default 0)")
 
 TRAIN_DEFAULTS = dict(train=False, test=False, iters=1000, batch_size=4, learning_rate=1e-5, warmup=0, num_layers=16,
-                      max_seq_length=2048, loss_on=None, mask_prompt=None, mode="sft", beta=0.1, optimizer="adamw",
+                      max_seq_length=2048, pack=False, loss_on=None, mask_prompt=None, mode="sft", beta=0.1, optimizer="adamw",
                       optimizer_config=None, lr_schedule="cosine", rank=8, alpha=None, dropout=0.0, targets=ALL_LINEAR, dora=False,
                       adapter_path="adapters", format="peft", resume_adapter_file=None, steps_per_eval=200,
                       val_batches=25, save_every=100, grad_checkpoint=False, devices=None, qlora=False, seed=0, model=None, data=None)
@@ -204,6 +206,7 @@ def _train_args(args: argparse.Namespace) -> argparse.Namespace:
   for k in ("model", "data"):
     if merged[k] is None: raise LoraError(f"train needs --{k} (on the command line or in the -c config)")
   if not (merged["train"] or merged["test"]): raise LoraError("nothing to do: pass --train to train (and/or --test)")
+  if merged["pack"] and merged["mode"] != "sft": raise LoraError(f"--pack packs supervised examples, not the pairs of --mode {merged['mode']}")
   return argparse.Namespace(**merged)
 
 def train(a: argparse.Namespace) -> None:
@@ -237,14 +240,15 @@ def train(a: argparse.Namespace) -> None:
     if checkpoints: print(f"resumed at step {trainer.load_checkpoint(resume)['step']}")
     history = fit(trainer, load(files[0]), load(files[1]), a.batch_size, a.max_seq_length, seed=a.seed, pad_id=pad,
                   val_every=a.steps_per_eval, val_batches=val_batches, checkpoint_dir=out / "checkpoints", save_every=a.save_every,
-                  **draw)
+                  pack=a.pack, **draw)
     target = adapter_path(out, a.format)
     save_adapter(model, target, format=a.format)
     last = history[-1] if history else {}
     rewards = f", reward margin {last['rewards/margins']:.3f}, accuracy {last['rewards/accuracies']:.2f}" if preference and last else ""
     print(f"saved the adapter to {target} ({a.format}); last train loss {last.get('loss', float('nan')):.3f}{rewards}")
   if a.test:
-    loss = trainer.evaluate(draw.get("draw_eval", eval_batches)(load("test.jsonl"), a.batch_size, a.max_seq_length, pad, val_batches))
+    test_batches = draw.get("draw_eval", packed_eval_batches if a.pack else eval_batches)
+    loss = trainer.evaluate(test_batches(load("test.jsonl"), a.batch_size, a.max_seq_length, pad, val_batches))
     if preference: print(f"test loss {loss:.3f}, " + ", ".join(f"{k} {v:.3f}" for k, v in trainer.eval_metrics.items()))
     else: print(f"test loss {loss:.3f}, test perplexity {math.exp(min(loss, 700)):.3f}")
 

@@ -1,6 +1,7 @@
 """Fine-tuning data in mlx-lm's JSONL formats: {"text"}, {"prompt", "completion"}, {"messages": [...], "tools": [...]},
-tokenized with loss weights (what the loss sees: `LOSS_ON`), and fixed-shape batches that are a pure function of (seed, step) so a resumed run
-sees exactly the batches the uninterrupted one would have."""
+tokenized with loss weights (what the loss sees: `LOSS_ON`), and fixed-shape batches (one example per row, or packed:
+several per row) that are a pure function of (seed, step) so a resumed run sees exactly the batches the uninterrupted
+one would have."""
 from __future__ import annotations
 import json, os, pathlib
 from typing import Any, Iterable
@@ -113,11 +114,14 @@ def make_batch(examples: Iterable[Example], seq_len: int, pad_id: int = 0) -> tu
   targets, mask = np.zeros_like(tokens), np.zeros((len(examples), seq_len), np.float32)
   for i, (seq, weights) in enumerate(examples):
     if len(weights) != len(seq): raise LoraError(f"example {i}: {len(seq)} tokens but {len(weights)} loss weights")
-    seq = seq[:seq_len + 1]
-    n = max(0, len(seq) - 1)
-    tokens[i, :n], targets[i, :n] = seq[:-1], seq[1:]
+    n = _positions(seq, seq_len)
+    tokens[i, :n], targets[i, :n] = seq[:n], seq[1:n + 1]
     mask[i, :n] = weights[1:n + 1]  # position j predicts token j+1
   return tokens, targets, mask
+
+def _positions(tokens: list[int], seq_len: int) -> int:
+  """Positions an example takes in a row: every token but the last predicts the next one, at most seq_len of them."""
+  return min(max(0, len(tokens) - 1), seq_len)
 
 def picks_at(n: int, step: int, batch_size: int, seed: int = 0) -> list[int]:
   """Indices of the `batch_size` items (of n) in the batch for global step `step`: drawn without replacement from a
@@ -135,3 +139,58 @@ def eval_batches(examples: list[Example], batch_size: int, seq_len: int, pad_id:
   _check_sizes(batch_size=batch_size, seq_len=seq_len)
   chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)][:max_batches]
   return [make_batch(c + [([pad_id], [0])] * (batch_size - len(c)), seq_len, pad_id) for c in chunks]
+
+# ---- sequence packing: several examples per row, each attending only to itself
+
+def pack_rows(examples: list[Example], seq_len: int, seed: int | None = 0) -> list[list[int]]:
+  """The examples' indices grouped into rows of at most seq_len positions, first-fit: each example, in a (seed) shuffled
+  order (None: in order), goes into the first row with room for it, or starts a new one. An example takes its
+  make_batch positions (longer ones truncated to seq_len), so every example is placed exactly once."""
+  _check_sizes(seq_len=seq_len)
+  order = range(len(examples)) if seed is None else np.random.default_rng(seed).permutation(len(examples))
+  rows: list[list[int]] = []
+  free = np.full(len(examples) + 1, seq_len)  # positions left in each row; those after the open rows are empty
+  for i in order:
+    n = _positions(examples[i][0], seq_len)
+    r = int(np.argmax(free[:len(rows) + 1] >= n))  # the first open row with room, else a new one
+    if r == len(rows): rows.append([])
+    rows[r].append(int(i))
+    free[r] -= n
+  return rows
+
+def make_packed_batch(rows: Iterable[list[Example]], seq_len: int, pad_id: int = 0) -> tuple[np.ndarray, ...]:
+  """(tokens, targets, mask, positions, segments), each (rows, seq_len): a row holds its examples one after another,
+  each laid out as make_batch lays it out alone, so no target crosses from one example into the next. positions restart
+  at 0 with each example; segments number a row's examples 1, 2, ... (0 at padding)."""
+  rows = list(rows)
+  _check_sizes(seq_len=seq_len)
+  tokens, targets, mask = (np.full((len(rows), seq_len), pad_id, np.int32), np.zeros((len(rows), seq_len), np.int32),
+                           np.zeros((len(rows), seq_len), np.float32))
+  positions, segments = np.zeros_like(targets), np.zeros_like(targets)
+  for r, row in enumerate(rows):
+    if not row: continue
+    lengths = np.array([_positions(seq, seq_len) for seq, _ in row])
+    if (n := int(lengths.sum())) > seq_len:
+      raise LoraError(f"row {r}: its examples take {n} positions, more than seq_len={seq_len}")
+    alone = make_batch(row, seq_len, pad_id)
+    example, at = np.nonzero(np.arange(seq_len) < lengths[:, None])  # each example's positions, in order
+    for out, a in zip((tokens, targets, mask), alone): out[r, :n] = a[example, at]
+    positions[r, :n], segments[r, :n] = at, example + 1
+  return tokens, targets, mask, positions, segments
+
+def packed_batch_at(examples: list[Example], step: int, batch_size: int, seq_len: int, seed: int = 0, pad_id: int = 0,
+                    rows: list[list[int]] | None = None) -> tuple[np.ndarray, ...]:
+  """The packed batch for global step `step`: `batch_size` rows of pack_rows(examples, seq_len, seed) (pass them as
+  `rows` to skip packing again), drawn from a per-epoch shuffle of the rows as picks_at draws examples; one epoch
+  covers every example once."""
+  _check_sizes(batch_size=batch_size, seq_len=seq_len)
+  rows = pack_rows(examples, seq_len, seed) if rows is None else rows
+  picks = picks_at(len(rows), step, batch_size, seed)
+  return make_packed_batch([[examples[i] for i in rows[k]] for k in picks], seq_len, pad_id)
+
+def packed_eval_batches(examples: list[Example], batch_size: int, seq_len: int, pad_id: int = 0, max_batches: int | None = None):
+  """Fixed-shape packed batches covering the examples in order (the last one filled with empty rows)."""
+  _check_sizes(batch_size=batch_size, seq_len=seq_len)
+  rows = [[examples[i] for i in row] for row in pack_rows(examples, seq_len, seed=None)]
+  chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)][:max_batches]
+  return [make_packed_batch(c + [[]] * (batch_size - len(c)), seq_len, pad_id) for c in chunks]

@@ -1,13 +1,13 @@
 """Training the LoRA tensors: masked LM loss, learning-rate schedule, a TinyJit'd step with gradient accumulation,
 clipping and a non-finite guard, and crash-safe checkpoints that resume on the same trajectory."""
 from __future__ import annotations
-import contextlib, math, os, pathlib, time
+import contextlib, functools, math, os, pathlib, time
 from dataclasses import dataclass, asdict, field
 from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from tinygrad import Context, Device, Tensor, function, nn, dtypes
 from tinylora.config import is_int, is_number
-from tinylora.data import Example, batch_at, eval_batches
+from tinylora.data import Example, batch_at, eval_batches, pack_rows, packed_batch_at, packed_eval_batches
 from tinylora.device_policy import captured_step
 from tinylora.engine import captured_copy_bytes, realize, tqdm
 from tinylora.errors import LoraError
@@ -33,14 +33,18 @@ def _chunk_rows(most: int) -> int:
   """The largest power of two <= most (at least 1): tinygrad 0.14 crashed running the precompiled chunk at 5 and 6 rows."""
   return 1 << max(0, most.bit_length() - 1)
 
-def chunked_lm_loss(model: Any, tokens: Tensor, targets: Tensor, mask: Tensor, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> Tensor:
+def chunked_lm_loss(model: Any, tokens: Tensor, targets: Tensor, mask: Tensor, chunk_bytes: int = LOGITS_CHUNK_BYTES,
+                    positions: Tensor | None = None, segments: Tensor | None = None) -> Tensor:
   """lm_loss(model(tokens), targets, mask), with the output head of a tinylora Model applied to chunks of positions whose
   float32 logits take at most `chunk_bytes`. Each chunk is a tinygrad function that returns only its masked sum, so no
   step holds more than a chunk's logits and their gradient, at the cost of computing the logits twice. Plain lm_loss
   for other models, for logits within one chunk, and for heads that cannot run as a function (quantized, on several
-  devices, or with dropout in training)."""
-  if not isinstance(model, Model): return lm_loss(model(tokens), targets, mask)
-  h = model.hidden(tokens)
+  devices, or with dropout in training). Packed rows pass their `positions` and `segments` (Model.hidden): the loss is
+  then the mean over every scored target of the batch, as for unpacked rows."""
+  if not isinstance(model, Model):
+    if positions is not None or segments is not None: raise LoraError(f"packed rows need a tinylora Model, found {type(model).__name__}")
+    return lm_loss(model(tokens), targets, mask)
+  h = model.hidden(tokens, positions=positions, segments=segments)
   rows, n = _chunk_rows(chunk_bytes // (4 * model.config.vocab_size)), math.prod(h.shape[:-1])
   if n <= rows or not callable_as_function(model.lm_head): return lm_loss(model.logits(h), targets, mask)
   # positions padded (masked out) to whole chunks: one chunk shape to compile, and no odd-sized last chunk, at which
@@ -149,7 +153,8 @@ class Trainer:
 
   `loss_fn(model, tokens, targets, mask)` returns the loss, or (loss, {name: scalar tensor}) to report metrics as well
   (tinylora.preference's reward margins and accuracy): their means over the last step's micro-batches are in
-  `metrics`, over the last `evaluate`'s batches in `eval_metrics`."""
+  `metrics`, over the last `evaluate`'s batches in `eval_metrics`. Packed batches (tinylora.data.make_packed_batch:
+  tokens, targets, mask, positions, segments) reach it with `positions=` and `segments=` as well."""
   def __init__(self, model: Any, config: TrainConfig, loss_fn: Callable[..., Tensor | tuple[Tensor, dict[str, Tensor]]] | None = None,
                devices: str | Sequence[str] | None = None):
     self.model, self.config, self.step = model, config, 0
@@ -179,21 +184,22 @@ class Trainer:
     self.metrics: dict[str, float] = {}
     self.eval_metrics: dict[str, float] = {}
 
-  def _loss(self, tokens: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, list[Tensor]]:
+  def _loss(self, tokens: Tensor, targets: Tensor, mask: Tensor, **packing: Tensor) -> tuple[Tensor, list[Tensor]]:
     """The loss_fn's loss and metrics; their names are kept here, as TinyJit's replays do not run this."""
-    out = self.loss_fn(self.model, tokens, targets, mask)
+    out = self.loss_fn(self.model, tokens, targets, mask, **packing)
     loss, metrics = out if isinstance(out, tuple) else (out, {})
     self.metric_names = list(metrics)
     return loss, [m.detach().float() for m in metrics.values()]
 
-  def _eval_fn(self, tokens: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-    loss, metrics = self._loss(tokens, targets, mask)
+  def _eval_fn(self, tokens: Tensor, targets: Tensor, mask: Tensor, **packing: Tensor) -> Tensor:
+    loss, metrics = self._loss(tokens, targets, mask, **packing)
     return realize(Tensor.stack(loss.float(), *metrics))
 
-  def _accumulate_fn(self, tokens: Tensor, targets: Tensor, mask: Tensor, accumulate: Tensor, scale: Tensor | None = None) -> Tensor:
+  def _accumulate_fn(self, tokens: Tensor, targets: Tensor, mask: Tensor, accumulate: Tensor, scale: Tensor | None = None,
+                     **packing: Tensor) -> Tensor:
     """Adds this micro-batch's gradients to the buffers (`accumulate` 0: the first micro-batch of a step, which replaces
     them instead); returns (loss, norm of the summed gradients, *metrics)."""
-    loss, metrics = self._loss(tokens, targets, mask)
+    loss, metrics = self._loss(tokens, targets, mask, **packing)
     # float16: the backward runs on loss * scale, whose gradients are divided by it again in float32
     grads = loss.gradient(*self.params) if scale is None else [d / scale[0] for d in (loss * scale[0]).gradient(*self.params)]
     # where, not g * accumulate: a refused step's nan would survive multiplication by 0 and poison every later step
@@ -224,13 +230,17 @@ class Trainer:
     """x on the Trainer's devices: split along `axis` across them, or (axis None) a copy on each."""
     return x if self.devices is None else x.shard(self.devices, axis).realize()
 
-  def _batch(self, tokens: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> tuple[Tensor, ...]:
+  def _batch(self, tokens: np.ndarray, targets: np.ndarray, mask: np.ndarray,
+             *packing: np.ndarray) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    """The batch's (tokens, targets, mask) on the devices, and a packed batch's positions and segments by name."""
     if self.devices is not None and len(tokens) % len(self.devices):
       raise LoraError(f"a batch of {len(tokens)} sequences does not split evenly across the {len(self.devices)} devices "
                       f"{self.devices}; use a batch size that is a multiple of {len(self.devices)}")
-    ts = (Tensor(tokens, dtype=dtypes.int32), Tensor(targets, dtype=dtypes.int32), Tensor(mask, dtype=dtypes.float32))
+    ts = (Tensor(tokens, dtype=dtypes.int32), Tensor(targets, dtype=dtypes.int32), Tensor(mask, dtype=dtypes.float32),
+          *(Tensor(a, dtype=dtypes.int32) for a in packing))
     self._check_shape(*ts)
-    return tuple(self._put(t, axis=0) for t in ts)
+    ts = tuple(self._put(t, axis=0) for t in ts)
+    return ts[:3], dict(zip(("positions", "segments"), ts[3:]))
 
   def cross_device_bytes(self) -> int | None:
     """Bytes one micro-batch's step copies between devices, all devices together (engine.captured_copy_bytes). With
@@ -244,16 +254,18 @@ class Trainer:
     # TinyJit would replay a shape-changed batch with wrong answers; catch it here
     if shape != self.shape: raise LoraError(f"batch shapes changed from {self.shape} to {shape}; pad every batch to one shape")
 
-  def train_step(self, batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[float, float]:
-    """One optimizer step over `accum_steps` micro-batches of (tokens, targets, mask); returns (mean loss, grad norm).
-    With a float16 base, gradients that overflow skip the step (`last_skipped`; the grad norm returned is not finite)."""
+  def train_step(self, batches: list[tuple[np.ndarray, ...]]) -> tuple[float, float]:
+    """One optimizer step over `accum_steps` micro-batches of (tokens, targets, mask), or packed ones of (tokens,
+    targets, mask, positions, segments); returns (mean loss, grad norm). With a float16 base, gradients that overflow
+    skip the step (`last_skipped`; the grad norm returned is not finite)."""
     if len(batches) != self.config.accum_steps:
       raise LoraError(f"train_step got {len(batches)} micro-batches, expected accum_steps={self.config.accum_steps}")
     losses, metrics, self.last_skipped = [], [], False
     scale = () if self.loss_scale is None else (self._put(Tensor([self.loss_scale.value])),)
     with Context(TRAINING=1), self._grad_checkpointing():
       for i, batch in enumerate(batches):
-        loss, norm, *values = self._accumulate(*self._batch(*batch), self._put(Tensor([0.0 if i == 0 else 1.0])), *scale).numpy().tolist()
+        batch, packing = self._batch(*batch)
+        loss, norm, *values = self._accumulate(*batch, self._put(Tensor([0.0 if i == 0 else 1.0])), *scale, **packing).numpy().tolist()
         if self.loss_scale is not None and math.isfinite(loss) and not math.isfinite(norm):
           self.loss_scale.update(overflow=True, step=self.step + 1)  # raises after max_skips in a row
           self.last_skipped = True
@@ -271,9 +283,10 @@ class Trainer:
     return sum(losses) / len(losses), grad_norm
 
   def evaluate(self, batches) -> float:
-    """Mean loss over batches of (tokens, targets, mask), without dropout and without touching any state but
-    `eval_metrics` (the loss_fn's metrics, averaged over the batches)."""
-    with self._grad_checkpointing(): values = [self._eval(*self._batch(*batch)).numpy().tolist() for batch in batches]
+    """Mean loss over batches of (tokens, targets, mask) (or packed ones), without dropout and without touching any
+    state but `eval_metrics` (the loss_fn's metrics, averaged over the batches)."""
+    def run(batch, packing): return self._eval(*batch, **packing).numpy().tolist()
+    with self._grad_checkpointing(): values = [run(*self._batch(*batch)) for batch in batches]
     self.eval_metrics = dict(zip(self.metric_names, np.mean([v[1:] for v in values], 0).tolist())) if values else {}
     return sum(v[0] for v in values) / max(1, len(values))
 
@@ -297,18 +310,29 @@ class Trainer:
 def fit(trainer: Trainer, train: list[Example], valid: list[Example] | None, batch_size: int, seq_len: int, seed: int = 0,
         pad_id: int = 0, val_every: int = 50, val_batches: int = 8, checkpoint_dir: str | os.PathLike | None = None,
         save_every: int = 100, keep: int = 2, progress: bool = True, draw: Callable[..., tuple] = batch_at,
-        draw_eval: Callable[..., list] = eval_batches) -> list[dict]:
+        draw_eval: Callable[..., list] = eval_batches, pack: bool = False) -> list[dict]:
   """Runs `trainer` from its current step to `config.iters` on fixed-shape batches drawn by (seed, step), with a progress
   bar (loss, tokens/s, ETA), validation every `val_every` steps and checkpoints every `save_every` steps (and at the
-  end), keeping the newest `keep`. Returns one record per step: step, loss, grad_norm, lr, tokens_per_s, elapsed_s,
-  and val_loss where measured; with a float16 base also loss_scale, and a step skipped for a float16 overflow has a
-  record with skipped=True (then the same step runs again at the lowered scale). A loss_fn's metrics join the record
-  under their names (validation's as val_<name>).
+  end), keeping the newest `keep`. Returns one record per step: step, loss, grad_norm, lr, tokens_per_s (all positions,
+  padding included), real_tokens (the step's scored targets: nonzero loss weight, so no padding), elapsed_s, and
+  val_loss where measured; with a float16 base also loss_scale, and a step skipped for a float16 overflow has a record
+  with skipped=True (then the same step runs again at the lowered scale). A loss_fn's metrics join the record under
+  their names (validation's as val_<name>).
 
   `draw(train, step, batch_size, seq_len, seed, pad_id)` gives the micro-batch of a global micro-step and
   `draw_eval(valid, batch_size, seq_len, pad_id, val_batches)` the validation batches: data.batch_at and
-  data.eval_batches, or for preference pairs preference.pair_batch_at and preference.pair_eval_batches."""
+  data.eval_batches, or for preference pairs preference.pair_batch_at and preference.pair_eval_batches.
+
+  `pack=True` packs several examples into each of the batch_size rows (data.pack_rows, once, then
+  data.packed_batch_at and data.packed_eval_batches), each attending only to itself with its positions from 0, so an
+  example's loss and gradients are those it has alone; the loss is the mean over the batch's scored targets either way.
+  An epoch then takes fewer steps. It needs a tinylora Model and the default draws."""
   c, history = trainer.config, []
+  if pack:
+    if draw is not batch_at or draw_eval is not eval_batches:
+      raise LoraError("pack=True packs supervised examples with data.packed_batch_at and data.packed_eval_batches; it "
+                      "does not combine with other draws (draw=, draw_eval=), such as preference pairs")
+    draw, draw_eval = functools.partial(packed_batch_at, rows=pack_rows(train, seq_len, seed)), packed_eval_batches
   valid_b = draw_eval(valid, batch_size, seq_len, pad_id, val_batches) if valid else []
   bar = tqdm(total=c.iters, desc="train", disable=not progress)
   bar.update(trainer.step)
@@ -319,7 +343,8 @@ def fit(trainer: Trainer, train: list[Example], valid: list[Example] | None, bat
     loss, grad_norm = trainer.train_step(micro)
     tokens += sum(b[0].size for b in micro)
     record = {"step": trainer.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-              "tokens_per_s": tokens / (time.perf_counter() - start), **trainer.metrics}
+              "tokens_per_s": tokens / (time.perf_counter() - start),
+              "real_tokens": sum(int(np.count_nonzero(b[2])) for b in micro), **trainer.metrics}
     record["elapsed_s"] = time.perf_counter() - start  # since fit began, before validation and checkpointing
     if trainer.loss_scale is not None: record["loss_scale"] = trainer.loss_scale.value
     if trainer.last_skipped:

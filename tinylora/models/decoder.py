@@ -119,7 +119,7 @@ class Attention:
     self.window = c.sliding_window if c.layer_types[layer] == SLIDING else None
 
   def __call__(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, start_pos: Start, cache: KVCache | None,
-               saved: list[Tensor] | None = None) -> Tensor:
+               saved: list[Tensor] | None = None, mask: Tensor | None = None) -> Tensor:
     c, (B, T, _) = self.config, x.shape
     heads, kv_heads, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     if c.arch.fused: q, k, v = base_forward(self.qkv_proj, x).split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
@@ -145,6 +145,7 @@ class Attention:
       if T > 1: scores = scores + Tensor.full((T, start_pos + T), float("-inf"), device=x.device).triu(start_pos + 1)
       if self.window is not None and (start_pos.vmax if isinstance(start_pos, UOp) else start_pos) + T > self.window:
         scores = scores + Tensor.full((T, start_pos + T), float("-inf"), device=x.device).tril(start_pos - self.window)
+    if mask is not None: scores = mask.where(scores, float("-inf"))  # packed rows: each example attends to itself only
     probs = scores.softmax(-1).cast(x.dtype).contiguous()
     if saved is not None: saved += [q, k, v, scores, probs]
     out = (probs @ v).reshape(B, heads, T, hd).transpose(1, 2).reshape(B, T, heads * hd)
@@ -190,10 +191,10 @@ class DecoderLayer:
     for name in names: setattr(self, name, RMSNorm(c.hidden_size, c.rms_norm_eps, c.arch.norm_plus_one))
 
   def __call__(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, start_pos: Start, cache: KVCache | None,
-               saved: list[Tensor] | None = None) -> Tensor:
+               saved: list[Tensor] | None = None, mask: Tensor | None = None) -> Tensor:
     norms, r = self.config.arch.norms, self.config.residual_multiplier
     attn_in = self.input_layernorm(x).contiguous() if norms != "post" else x
-    attn = self.self_attn(attn_in, cos, sin, start_pos, cache, saved)
+    attn = self.self_attn(attn_in, cos, sin, start_pos, cache, saved, mask)
     if norms != "pre": attn = self.post_attention_layernorm(attn)
     h = x + (attn * r if r != 1 else attn)
     mlp_in = {"pre": lambda: self.post_attention_layernorm(h), "sandwich": lambda: self.pre_feedforward_layernorm(h),
@@ -208,12 +209,14 @@ class DecoderLayer:
 # compiled once instead of once per layer. Its materialised intermediates are returned as extra outputs, which the
 # backward reuses instead of recomputing the forward; the checkpointed variant returns only the output, so the
 # backward recomputes the layer from its input and nothing else of the layer stays alive between forward and backward.
-def _layer_with_intermediates(layer: DecoderLayer, x: Tensor, cos: Tensor | None, sin: Tensor | None) -> tuple[Tensor, ...]:
+def _layer_with_intermediates(layer: DecoderLayer, x: Tensor, cos: Tensor | None, sin: Tensor | None,
+                              mask: Tensor | None) -> tuple[Tensor, ...]:
   saved: list[Tensor] = []
-  return (layer(x, cos, sin, 0, None, saved), *saved)
+  return (layer(x, cos, sin, 0, None, saved, mask), *saved)
 
 _layer = function(_layer_with_intermediates, precompile=True, precompile_backward=True)
-_checkpointed_layer = function(lambda layer, x, cos, sin: layer(x, cos, sin, 0, None), precompile=True, precompile_backward=True)
+_checkpointed_layer = function(lambda layer, x, cos, sin, mask: layer(x, cos, sin, 0, None, mask=mask), precompile=True,
+                               precompile_backward=True)
 
 def callable_as_function(layer: DecoderLayer) -> bool:
   """Whether the layer can run as a function: tinygrad cannot differentiate through packed integer weights (their
@@ -268,34 +271,51 @@ class Model:
   def make_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
     return KVCache(self.config, batch, max_len or self.config.max_position_embeddings, self.dtype, self.model.norm.weight.device)
 
-  def __call__(self, tokens: Tensor, start_pos: Start = 0, cache: KVCache | None = None) -> Tensor:
-    return self.logits(self.hidden(tokens, start_pos, cache))
+  def __call__(self, tokens: Tensor, start_pos: Start = 0, cache: KVCache | None = None,
+               positions: Tensor | None = None, segments: Tensor | None = None) -> Tensor:
+    return self.logits(self.hidden(tokens, start_pos, cache, positions, segments))
 
-  def hidden(self, tokens: Tensor, start_pos: Start = 0, cache: KVCache | None = None) -> Tensor:
-    """The final norm's output (B, T, hidden): what the output head reads (a loss may apply the head in chunks)."""
+  def hidden(self, tokens: Tensor, start_pos: Start = 0, cache: KVCache | None = None,
+             positions: Tensor | None = None, segments: Tensor | None = None) -> Tensor:
+    """The final norm's output (B, T, hidden): what the output head reads (a loss may apply the head in chunks).
+
+    Packed rows (several examples one after another, tinylora.data.make_packed_batch) pass `positions` and `segments`,
+    integer (B, T): each token's position within its example (0, 1, ... from the example's first token), which RoPE
+    reads, and which example it belongs to; attention stays causal and inside each example. As an example's positions
+    are consecutive, the causal and sliding-window masks by index within it are those by position."""
     if tokens.ndim != 2 or not dtypes.is_int(tokens.dtype):
       raise LoraError(f"tokens must be an integer tensor of shape (batch, time), found {tokens.dtype} {tokens.shape}")
     if cache is None and not (isinstance(start_pos, int) and start_pos == 0): raise LoraError("start_pos > 0 needs a KV cache")
+    if (positions is None) != (segments is None) or cache is not None and positions is not None:
+      raise LoraError("packed rows need both positions and segments, and no KV cache")
+    for name, t in (("positions", positions), ("segments", segments)):
+      if t is not None and (t.shape != tokens.shape or not dtypes.is_int(t.dtype)):
+        raise LoraError(f"{name} must be an integer tensor of the tokens' shape {tokens.shape}, found {t.dtype} {t.shape}")
     c, (B, T) = self.config, tokens.shape
-    if isinstance(start_pos, RowPositions) and (T != 1 or start_pos.positions.shape != (B,)):
-      raise LoraError(f"rows at their own positions take one token each and one position per row: tokens {tokens.shape}, "
-                      f"positions {start_pos.positions.shape}")
+    if isinstance(start_pos, RowPositions):
+      if T != 1 or start_pos.positions.shape != (B,):
+        raise LoraError(f"rows at their own positions take one token each and one position per row: tokens {tokens.shape}, "
+                        f"positions {start_pos.positions.shape}")
+      positions = start_pos.positions.reshape(B, 1)
     max_len = cache.max_len if cache is not None else T
     last = start_pos.end if isinstance(start_pos, RowPositions) else start_pos + T
     if (end := last.vmax if isinstance(last, UOp) else last) > max_len: raise LoraError(f"positions up to {end} do not fit the KV cache of {max_len}")
     tables = {}  # cos and sin of the new tokens' positions per RoPE: layer kinds may differ in base, or have none
     for rope in {layer.rope for layer in self.model.layers} - {None}:
       cos, sin = _rope_table(rope, max_len, self.model.norm.weight.device)
-      if isinstance(start_pos, RowPositions): cos, sin = (t[start_pos.positions].reshape(B, 1, 1, -1) for t in (cos, sin))
+      # rows at their own positions, packed rows: each token's row of the table, (B, 1, T, dim) broadcast over the heads
+      if positions is not None: cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
       else: cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
       tables[rope] = cos.cast(self.dtype), sin.cast(self.dtype)
+    # (B, 1, 1, T, T) over the attention scores (B, kv_heads, group, T, T): query i sees key j of its own example
+    mask = None if segments is None else (segments.unsqueeze(-1) == segments.unsqueeze(-2)).reshape(B, 1, 1, T, T)
     x = self.model.embed_tokens(tokens)
     if c.embedding_multiplier != 1: x = x * Tensor(c.embedding_multiplier, dtype=x.dtype, device=x.device)
     for layer in self.model.layers:
       cos, sin = tables.get(layer.rope, (None, None))
       if cache is None and (self.layers_as_functions or self.grad_checkpoint) and callable_as_function(layer):
-        x = _checkpointed_layer(layer, x, cos, sin) if self.grad_checkpoint else _layer(layer, x, cos, sin)[0]
-      else: x = layer(x, cos, sin, start_pos, cache)
+        x = _checkpointed_layer(layer, x, cos, sin, mask) if self.grad_checkpoint else _layer(layer, x, cos, sin, mask)[0]
+      else: x = layer(x, cos, sin, start_pos, cache, mask=mask)
     return self.model.norm(x).contiguous()
 
   def logits(self, hidden: Tensor) -> Tensor:
