@@ -6,7 +6,7 @@ Three random LoRA adapters (r=16 on all seven projections) are made and saved fi
 its own, the requests come from threads of this one over HTTP. Every request asks for --tokens tokens (greedy,
 `ignore_eos`), so all runs generate the same number of tokens. Reported per run: wall time, total tokens/s, time to
 the first token (median, max), time between tokens (median), and the server's resident memory before and after
---memory-requests short requests."""
+--memory-requests short completions (8 at a time)."""
 from __future__ import annotations
 import argparse, concurrent.futures, http.client, importlib.metadata, json, os, pathlib, re, statistics, subprocess, sys, tempfile, threading, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,6 +38,12 @@ def start(model: pathlib.Path, adapters: dict[str, pathlib.Path], rows: int) -> 
       threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep the pipe drained
       return proc, m.group(1), int(m.group(2))
   raise SystemExit(f"the server did not start (exit code {proc.wait()})")
+
+def complete(host: str, port: int, model: str, prompt: str, tokens: int) -> None:
+  conn = http.client.HTTPConnection(host, port, timeout=600)
+  conn.request("POST", "/v1/completions", json.dumps({"model": model, "prompt": prompt, "max_tokens": tokens}), {"Content-Type": "application/json"})
+  assert conn.getresponse().status == 200
+  conn.close()
 
 def stream(host: str, port: int, model: str, prompt: str, tokens: int) -> tuple[float, list[float], int]:
   """(start, arrival time of each streamed piece, completion tokens) of one chat request."""
@@ -98,7 +104,7 @@ def main() -> None:
           print(f"{n} requests over {min(n, 3)} adapters: concurrent {con['wall_s']:.2f} s = {con['wall_s'] / seq['wall_s']:.2f}x one at a time ({seq['wall_s']:.2f} s)")
       before = rss_mb(proc.pid)
       with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda i: stream(host, port, ADAPTERS[i % 3], PROMPTS[i % len(PROMPTS)], 2), range(a.memory_requests)))
+        list(pool.map(lambda i: complete(host, port, ADAPTERS[i % 3], f"Hello {i}", 2), range(a.memory_requests)))
       out["memory_mb"] = {"before": round(before, 1), "after": round(rss_mb(proc.pid), 1), "requests": a.memory_requests}
       print(f"server memory: {before:.1f} MB before, {out['memory_mb']['after']:.1f} MB after {a.memory_requests} more requests")
       if a.json: pathlib.Path(a.json).write_text(json.dumps(out, indent=1))

@@ -11,7 +11,7 @@
 A model is a local Hugging Face directory (config.json, safetensors, tokenizer.json) or a .gguf file. Errors print one
 line and exit with status 1 (2 for a bad command line)."""
 from __future__ import annotations
-import argparse, json, math, pathlib, signal, sys
+import argparse, json, math, os, pathlib, signal, sys
 from typing import Iterator, Sequence
 from tinygrad import Tensor, dtypes
 import tinylora as tl
@@ -313,6 +313,11 @@ def serve(a: argparse.Namespace) -> None:
     host, port = server.server_address[:2]
     print(f"serving {', '.join(i for i, _ in engine.models())} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
   serve_http(engine, a.host, a.port, ready)
+  # A signal sent to the whole process group (timeout(1), a service manager) also ends tinygrad's compile workers,
+  # which can leave multiprocessing's exit handler waiting forever on a lock a dead worker held. Everything is saved
+  # and answered by now, so the process leaves at once.
+  sys.stdout.flush(), sys.stderr.flush()
+  os._exit(0)
 
 def convert(a: argparse.Namespace) -> None:
   """Loads the adapter onto its base model (which checks every tensor), then saves it in the other format."""
