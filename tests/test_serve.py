@@ -230,3 +230,10 @@ def test_a_full_queue_answers_429_and_sigterm_lets_running_requests_finish(files
     assert [c.choices[0].finish_reason for c in stream][-1] in ("length", "stop")  # the running request finishes
     assert proc.wait(60) == 0
   finally: proc.kill()
+
+def test_the_command_line_refuses_bad_adapters(files, capsys):
+  from tinylora.cli import main
+  assert main(["serve", "--model", str(files / "model"), "--adapter", "no-equals-sign"]) == 1
+  assert "NAME=PATH" in capsys.readouterr().err
+  assert main(["serve", "--model", str(files / "model"), "--adapter", f"x={files / 'missing'}"]) == 1
+  assert "does not load" in capsys.readouterr().err
