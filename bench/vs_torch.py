@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 START = time.perf_counter()
 import argparse, json, os, pathlib, resource, statistics, subprocess, sys, tempfile
+from typing import Callable
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -49,6 +50,15 @@ def peak_rss() -> int:
   """This process's peak resident memory in bytes (Linux reports kilobytes)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
+def timed_steps(step: Callable[[int], float], n: int) -> dict:
+  """Runs step(0), ..., step(n - 1), each returning its loss: the losses and each step's seconds."""
+  losses, times = [], []
+  for i in range(n):
+    t = time.perf_counter()
+    losses.append(step(i))
+    times.append(time.perf_counter() - t)
+  return dict(losses=losses, times=times)
+
 def run_tinylora(work: pathlib.Path, batches: dict, lrs: list[float]) -> dict:
   import tinylora as tl
   from tinylora.engine import peak_memory
@@ -57,14 +67,9 @@ def run_tinylora(work: pathlib.Path, batches: dict, lrs: list[float]) -> dict:
   model.layers_as_functions = True  # as the main job (examples/finetune.py)
   trainer = Trainer(model, TrainConfig(lr=LR, iters=len(lrs), warmup=WARMUP, grad_clip=CLIP))
   rss_ready, ready = peak_rss(), time.perf_counter()
-  losses, times = [], []
   with peak_memory() as p:
-    for i in range(len(lrs)):
-      t = time.perf_counter()
-      losses.append(trainer.train_step([(batches["tokens"][i], batches["targets"][i], batches["mask"][i])])[0])
-      times.append(time.perf_counter() - t)
-  return dict(losses=losses, times=times, ready_s=ready - START, rss_ready=rss_ready,
-              tinygrad_peak=p.peak, tinygrad_held=p.start)
+    run = timed_steps(lambda i: trainer.train_step([(batches["tokens"][i], batches["targets"][i], batches["mask"][i])])[0], len(lrs))
+  return run | dict(ready_s=ready - START, rss_ready=rss_ready, tinygrad_peak=p.peak, tinygrad_held=p.start)
 
 def run_torch(work: pathlib.Path, batches: dict, lrs: list[float], threads: int) -> dict:
   import torch
@@ -87,13 +92,8 @@ def run_torch(work: pathlib.Path, batches: dict, lrs: list[float], threads: int)
     opt.step()
     return loss.item()
   rss_ready, ready = peak_rss(), time.perf_counter()
-  losses, times = [], []
-  for i in range(len(lrs)):
-    t = time.perf_counter()
-    losses.append(step(i))
-    times.append(time.perf_counter() - t)
-  return dict(losses=losses, times=times, ready_s=ready - START, rss_ready=rss_ready, threads=torch.get_num_threads(),
-              torch=torch.__version__)
+  run = timed_steps(step, len(lrs))
+  return run | dict(ready_s=ready - START, rss_ready=rss_ready, threads=torch.get_num_threads(), torch=torch.__version__)
 
 def child(side: str, work: pathlib.Path, torch_threads: int) -> None:
   batches = dict(np.load(work / "batches.npz"))
