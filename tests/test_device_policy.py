@@ -33,6 +33,18 @@ def test_linear_forward_and_gradients_match_numpy(bias):
   np.testing.assert_allclose(y.numpy(), x64 @ w64.T + (0 if b is None else b), rtol=1e-5, atol=1e-5)
   for got, want in zip(grads, ref): np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
 
+def test_long_input_gradient_is_a_sum_of_unsplit_matmuls():
+  """An output head's input gradient (a reduction over the vocabulary) runs as matmuls over REDUCTION_CHUNK outputs each,
+  none split by tinygrad's scheduler into a partial-sum kernel, and equals dy @ W."""
+  rng = np.random.default_rng(0)
+  n = device_policy.LONG_REDUCTION + device_policy.REDUCTION_CHUNK // 2  # a last chunk shorter than the others
+  dy, wt = rng.standard_normal((3, 4, n)).astype(np.float32), rng.standard_normal((16, n)).astype(np.float32)
+  got = device_policy.input_gradient(Tensor(dy), Tensor(wt))
+  kernels = [c.src[0] for c in Tensor.schedule_linear(got).src if c.src[0].op is Ops.SINK]
+  assert len(kernels) == -(-n // device_policy.REDUCTION_CHUNK) + 1  # the chunks' products and their sum
+  np.testing.assert_allclose(device_policy.input_gradient(Tensor(dy), Tensor(wt)).numpy(),
+                             dy.astype(np.float64) @ wt.astype(np.float64).T, rtol=1e-4, atol=1e-3)
+
 def test_base_forward_is_the_module_call_in_value():
   Tensor.manual_seed(3)
   lin, x = nn.Linear(16, 8), Tensor.randn(4, 16).realize()

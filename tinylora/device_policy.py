@@ -31,9 +31,21 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
   def backward(dy: Tensor, x: Tensor, w: Tensor, *bias: Tensor) -> tuple[Tensor, ...]:
     dy = dy.contiguous()
     dy2 = dy.reshape(-1, dy.shape[-1])
-    grads = ((dy @ w.T.contiguous().T).contiguous(), dy2.T @ x.reshape(-1, x.shape[-1]), dy2.sum(0))
+    grads = (input_gradient(dy, w.T.contiguous()), dy2.T @ x.reshape(-1, x.shape[-1]), dy2.sum(0))
     return grads[:2 + len(bias)]
   return custom_gradient(lambda x, w, *b: x.linear(w.T, *b), backward)(x, weight, *([] if bias is None else [bias]))
+
+LONG_REDUCTION, REDUCTION_CHUNK = 32768, 4096  # tinygrad's REDUCEOP_SPLIT_THRESHOLD; a chunk whose operand rows stay in cache
+
+def input_gradient(dy: Tensor, wt: Tensor) -> Tensor:
+  """dy @ wt.T, wt being a linear's transposed weight (in, out). A product over at least LONG_REDUCTION outputs (an
+  output head's vocabulary) is the sum of products over REDUCTION_CHUNK outputs each, in kernels of their own:
+  tinygrad's scheduler would split that reduction itself, into a partial-sum kernel with three output axes that no
+  matmul plan shapes and that reads rows too long for the cache. Equal up to float rounding (another summation order)."""
+  n = wt.shape[1]
+  if n < LONG_REDUCTION: return (dy @ wt.T).contiguous()
+  return Tensor.stack(*[(dy[..., i:i + REDUCTION_CHUNK] @ wt[:, i:i + REDUCTION_CHUNK].T).contiguous()
+                        for i in range(0, n, REDUCTION_CHUNK)]).sum(0)
 
 def on_device(x: Tensor, names: tuple[str, ...]) -> bool:
   """Whether x lives on one of the named device types (CPU, CUDA, NV, ...); a tensor on several devices (data

@@ -170,13 +170,13 @@ class Trainer:
     self.loss_scale = LossScale() if dtypes.float16 in base_dtypes else None
     self.last_skipped = False
     self.opt = config.make_optimizer(self.params)
-    # real buffers now, so checkpoints can be restored into them before the first step
+    # real buffers now, so checkpoints can be restored into them before the first step; realized together, as each
+    # Tensor.realize walks every live tensor
     for name, state in checkpoint.optimizer_state(self.opt).items():
-      setattr(self.opt, name, [t.contiguous().realize() for t in state] if isinstance(state, list) else
-              state.contiguous().realize().is_param_(False))
-    self.opt.lr.realize()
-    self.grads = [Tensor.zeros(*p.shape, dtype=p.dtype, device=p.device).contiguous().realize() for p in self.params]
-    Tensor.realize(*nn.state.get_parameters(model))  # see captured_step: nothing a step reads may be left to compute
+      setattr(self.opt, name, [t.contiguous() for t in state] if isinstance(state, list) else state.contiguous().is_param_(False))
+    self.grads = [Tensor.zeros(*p.shape, dtype=p.dtype, device=p.device).contiguous() for p in self.params]
+    # see captured_step: nothing a step reads may be left to compute
+    Tensor.realize(*nn.state.get_parameters(self.opt), *nn.state.get_parameters(model), *self.grads)
     self._accumulate, self._apply = captured_step(self._accumulate_fn), captured_step(self._apply_fn)
     self._eval = captured_step(self._eval_fn)
     self.shape: tuple | None = None

@@ -29,7 +29,8 @@ def assign_weights(model: Model, weights: dict[str, np.ndarray], dtype: DType | 
   for key, t in state.items():
     new = Tensor(weights[key], device=t.device)
     if np.issubdtype(weights[key].dtype, np.floating) and new.dtype != dtype: new = new.cast(dtype)
-    t.replace(new.realize())  # in place, so a tied lm_head keeps sharing the embedding tensor
+    t.replace(new)  # in place, so a tied lm_head keeps sharing the embedding tensor
+  Tensor.realize(*state.values())  # together: each Tensor.realize walks every live tensor
 
 def check_plain(model: Model) -> None:
   """Refuses a model holding tensors a model file has no place for (LoRA adapters not merged yet)."""
