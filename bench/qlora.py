@@ -4,15 +4,19 @@ largest buffer a step allocates (a dequantized copy of a frozen weight would sho
 sizes that fit a memory budget at these bytes per parameter.
 
   python bench/qlora.py [--hidden 256 --layers 2 --ffn 704 --vocab 1024 --batch 2 --seq 128 --steps 6] [--json out.json]
+
+With --linear ROWS,IN,OUT it times one frozen linear instead: forward and input gradient (a captured step, as the
+Trainer's), float32 against GGUF-style packed Q4 and Q8 (group 32) weights, e.g. --linear 256,576,1536.
 """
 import argparse, json, pathlib, tempfile, time
 import numpy as np
-from tinygrad import Device, Tensor, dtypes
+from tinygrad import Device, Tensor, dtypes, nn
 import tinylora as tl
 from tinylora.engine import peak_memory
 from tinylora import load_pretrained, save_pretrained
 from tinylora.models import Model
-from tinylora.quant import quantize
+from tinylora.device_policy import base_forward, captured_step
+from tinylora.quant import QuantizedLinear, quantize
 from tinylora.tree import unique_state_dict
 from tinylora.train import Trainer, TrainConfig
 
@@ -32,12 +36,37 @@ def run(model, args) -> dict:
   return {"weight_bytes": weights, "peak_bytes": memory.added + weights, "largest_step_buffer": memory.largest,
           "tokens_per_s": args.batch * args.seq / steady, "first_step_s": times[0]}
 
+def linear_step_ms(rows: int, fin: int, fout: int, bits: int | None, steps: int) -> float:
+  """Median ms of x -> (W x, dL/dx) for one frozen linear: float32 (bits None) or packed with `bits`, group 32."""
+  lin = nn.Linear(fin, fout, bias=False)
+  layer = lin if bits is None else QuantizedLinear.from_linear(lin, bits, 32)
+  Tensor.realize(*nn.state.get_parameters(layer))
+  x, g = Tensor.randn(rows, fin).realize(), Tensor.randn(rows, fout).realize()
+  def step(x: Tensor, g: Tensor) -> None:
+    y = base_forward(layer, x)
+    Tensor.realize(y, *(y * g).sum().gradient(x))
+  jit, times = captured_step(step), []
+  for _ in range(2 + steps):
+    t = time.perf_counter(); jit(x, g); times.append(time.perf_counter() - t)
+  return float(np.median(times[2:])) * 1e3
+
+def linear_main(shape: str, steps: int) -> None:
+  rows, fin, fout = map(int, shape.split(","))
+  base = linear_step_ms(rows, fin, fout, None, steps)
+  print(f"device {Device.DEFAULT}; one linear {rows}x{fin} -> {fout}, forward + input gradient, median of {steps}")
+  print(f"float32 {base:8.1f} ms")
+  for bits in (4, 8):
+    ms = linear_step_ms(rows, fin, fout, bits, steps)
+    print(f"Q{bits} g32 {ms:8.1f} ms  {ms / base:5.2f}x float32")
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   for k, v in dict(hidden=256, layers=2, heads=8, kv_heads=4, ffn=704, vocab=1024, batch=2, seq=128, steps=6).items():
     p.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
   p.add_argument("--json")
+  p.add_argument("--linear", metavar="ROWS,IN,OUT", help="time one linear instead (see above)")
   args = p.parse_args()
+  if args.linear: return linear_main(args.linear, args.steps)
   cfg = {"model_type": "llama", "hidden_size": args.hidden, "intermediate_size": args.ffn, "num_hidden_layers": args.layers,
          "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads, "vocab_size": args.vocab,
          "max_position_embeddings": args.seq}

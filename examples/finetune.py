@@ -74,7 +74,7 @@ def parse_args() -> argparse.Namespace:
   p.add_argument("--data", help="directory with train.jsonl and valid.jsonl (default: the built-in task)")
   p.add_argument("--out", default="runs/finetune", help="output directory")
   p.add_argument("--qlora", action="store_true", help="train on the packed 4/8-bit GGUF weights instead of float32 "
-                 "(less memory; on the CPU it is slower, see bench/RESULTS.md)")
+                 "(less memory, about the float32 step time on the CPU; bench/RESULTS.md, \"The packed path\")")
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--alpha", type=float, default=32)
   p.add_argument("--dropout", type=float, default=0.0)
@@ -91,7 +91,7 @@ def parse_args() -> argparse.Namespace:
                  "only to itself (the same loss and gradients with less padding)")
   p.add_argument("--grad-clip", type=float, default=1.0)
   p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="the base model's dtype (LoRA tensors and "
-                 "optimizer state stay float32; float16 trains with a loss scale); default: float32, or float16 with --qlora")
+                 "optimizer state stay float32; float16 trains with a loss scale); default: float32")
   p.add_argument("--grad-checkpoint", action="store_true", help="recompute each layer in the backward (less memory)")
   p.add_argument("--devices", help="comma-separated devices to train on data parallel, e.g. CUDA:0,CUDA:1; "
                                    "--batch-size must be a multiple of their count")
@@ -113,8 +113,7 @@ def load(args) -> tuple[Model, object, str]:
   if args.model == "tiny": return Model.from_config(TINY_MODEL, dtype=dtype or dtypes.float32), ByteTokenizer(), "tiny"
   path = pathlib.Path(args.model) if args.model else smollm2_gguf()
   if path.suffix == ".gguf":
-    # float32 unless --qlora: on the CPU, float32 steps are the fastest (bench/RESULTS.md)
-    model = load_pretrained(path, dtype=dtype or (dtypes.float16 if args.qlora else dtypes.float32), dequantize=not args.qlora)
+    model = load_pretrained(path, dtype=dtype or dtypes.float32, dequantize=not args.qlora)
   else: model = load_pretrained(path, dtype=dtype)
   return model, load_tokenizer(path), path.name
 

@@ -1,11 +1,13 @@
+from typing import NamedTuple
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
-from tinygrad import Tensor, dtypes, nn, GlobalCounters
+from tinygrad import Device, Tensor, dtypes, nn, GlobalCounters
 from tinygrad.nn.state import get_state_dict, load_state_dict
 from tinylora.errors import LoraError
+from tinylora.device_policy import base_forward
 from tinylora.engine import peak_memory
-from tinylora.quant import (BITS, GROUP_SIZES, QuantizedEmbedding, QuantizedLinear, _unpack, dequantize_array, linear_shape,
+from tinylora.quant import (BITS, DENSE_ROWS, GROUP_SIZES, QuantizedEmbedding, QuantizedLinear, _unpack, dequantize_array, linear_shape,
                             pack_array, prepare_quantized, quantization_config, quantize, quantize_array, unpack_array)
 
 RNG = np.random.default_rng(0)
@@ -100,15 +102,20 @@ def test_gradient_flows_to_x_and_adapters_not_to_packed_weight():
   np.testing.assert_allclose(da, bn.T @ dy.T @ xn, rtol=1e-4, atol=1e-4)
   assert ql.weight.dtype == dtypes.uint32  # packed codes are integers: no gradient can be defined for them
 
-def _realize_counting(*outs: Tensor) -> tuple[int, int]:
-  """(kernels run, peak bytes allocated above the starting point) while realizing `outs`."""
+class Counted(NamedTuple):
+  kernels: int
+  ops: int
+  added: int  # peak bytes allocated above the starting point
+
+def _realize_counting(*outs: Tensor) -> Counted:
+  """What realizing `outs` runs and allocates."""
   with peak_memory() as memory:
     GlobalCounters.reset()
     Tensor.realize(*outs)
-  return GlobalCounters.kernel_count, memory.added
+  return Counted(GlobalCounters.kernel_count, GlobalCounters.global_ops, memory.added)
 
 @pytest.mark.parametrize("bits", [4, 8, 3])
-def test_dequantization_fuses_into_the_matmul(bits):
+def test_dequantization_fuses_into_the_matmul(bits):  # at fewer than DENSE_ROWS rows (decoding)
   lin = nn.Linear(256, 128)
   ql = QuantizedLinear.from_linear(lin, bits, 64)
   Tensor.realize(lin.weight, lin.bias, ql.weight, ql.scales, ql.biases)
@@ -119,8 +126,35 @@ def test_dequantization_fuses_into_the_matmul(bits):
     loss = (m(x) ** 2).sum()
     results.append((fwd, _realize_counting(loss, *loss.gradient(x))))
   (fp_fwd, fp_bwd), (q_fwd, q_bwd) = results
-  assert q_fwd == fp_fwd and q_bwd == fp_bwd  # same kernels, and no buffer beyond the fp path's (no (128, 256) weight)
-  assert q_fwd[1] == 4 * 128 * 4
+  for fp, q in zip((fp_fwd, fp_bwd), (q_fwd, q_bwd)):  # same kernels, and no buffer beyond the fp path's (no (128, 256) weight)
+    assert (q.kernels, q.added) == (fp.kernels, fp.added)
+  assert q_fwd.added == 4 * 128 * 4
+
+@pytest.mark.skipif(Device.DEFAULT != "CPU", reason="the transient float copy is the CPU's path")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_training_rows_dequantize_one_weight_at_a_time(bits):
+  """A stack of packed linears at DENSE_ROWS rows, forward and input gradient: the matmuls of the float path plus the
+  dequantizations, exact within float rounding, and one weight's float copy alive at a time (the float path holds a
+  transposed copy of each)."""
+  fp = [nn.Linear(512, 512, bias=False) for _ in range(6)]
+  Tensor.realize(*(l.weight for l in fp))
+  packed = [QuantizedLinear.from_linear(l, bits, 32) for l in fp]
+  Tensor.realize(*(t for l in packed for t in (l.weight, l.scales, l.biases)))
+  x = Tensor(RNG.standard_normal((DENSE_ROWS, 512)).astype(np.float32)).realize()
+  results = []
+  for stack in (fp, packed):
+    h = x
+    for layer in stack: h = base_forward(layer, h)
+    loss = (h * h).sum()
+    dx, = loss.gradient(x)
+    results.append((_realize_counting(loss, dx), dx.numpy()))
+  (fp, _), (q, q_dx) = results
+  assert q.ops <= 1.2 * fp.ops and q.added < 3 * 512 * 512 * 4 < fp.added
+  ws, h = [_dequantized(layer) for layer in packed], x.numpy().astype(np.float64)
+  for w in ws: h = h @ w.T
+  dy = 2 * h
+  for w in reversed(ws): dy = dy @ w
+  np.testing.assert_allclose(q_dx, dy, rtol=0, atol=1e-5 * np.abs(dy).max())
 
 def test_quantized_weight_is_under_a_third_of_fp16():
   ql = QuantizedLinear(4096, 64, False, 4, 64, dtypes.float16)

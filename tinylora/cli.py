@@ -91,7 +91,7 @@ def _train_parser(sub) -> None:
                  "instead of keeping its activations (less memory)")
   p.add_argument("--devices", help="comma-separated devices to train on data-parallel, e.g. CUDA:0,CUDA:1")
   p.add_argument("--qlora", action="store_true", default=None, help="with a .gguf model, train on its packed Q4_0/Q4_1/"
-                 "Q8_0 weights as they are (less memory; slower steps on the CPU). Default, as examples/finetune.py: "
+                 "Q8_0 weights as they are (less memory; about the float32 step on the CPU). Default, as examples/finetune.py: "
                  "the GGUF dequantized to float32")
   p.add_argument("--seed", type=int, help="random seed (default 0)")
 

@@ -55,9 +55,9 @@ def on_device(x: Tensor, names: tuple[str, ...]) -> bool:
 
 def base_forward(module: Any, x: Tensor) -> Tensor:
   """module(x), through `linear` when the module is a float32 nn.Linear on the CPU. float16 weights gain nothing from
-  it (their matmuls are bound by the float16 conversion), quantized bases lose (the plain forward fuses their
-  dequantization into the matmul; the transposed copy would materialise it), and on CUDA tinygrad's own backward is
-  faster and needs no weight copy."""
+  it (their matmuls are bound by the float16 conversion), quantized bases arrange their own products
+  (tinylora.quant: a transient float copy per weight for training rows, the dequantization fused into the matmul
+  otherwise), and on CUDA tinygrad's own backward is faster and needs no weight copy."""
   if isinstance(module, nn.Linear) and module.weight.dtype == dtypes.float32 and on_device(x, ("CPU",)):
     return linear(x, module.weight, module.bias)
   return module(x)

@@ -1,15 +1,19 @@
 """mlx-lm "affine" quantization (the QLoRA base): packed layers that load mlx-lm checkpoints as they are and dequantize
-inside the matmul kernels, plus a numpy reference that is bit-exact with `mx.quantize` on mlx's CPU backend.
+inside the matmul kernels (on the CPU at training sizes, into a transient float buffer per product instead), plus a
+numpy reference that is bit-exact with `mx.quantize` on mlx's CPU backend.
 
 Layout (mlx `mx.quantize(w, group_size, bits, mode="affine")`): each row of `weight` (uint32, (out, in*bits/32)) is a
 little-endian bit stream in which value j sits in bits [j*bits, (j+1)*bits); for 2/4/8 bits no value crosses a word.
 `scales` and `biases` hold one value per `group_size` consecutive inputs and w = scale * q + bias.
 """
 from __future__ import annotations
+import functools, math
 from typing import Any, Callable, Iterator
 import numpy as np
-from tinygrad import Tensor, dtypes, nn
+from tinygrad import Tensor, dtypes, function, nn
 from tinygrad.dtype import DType
+from tinygrad.uop.ops import UOp
+from tinylora.device_policy import on_device
 from tinylora.errors import LoraError
 from tinylora.tree import named_modules, replace_module
 
@@ -85,6 +89,36 @@ def dequantize_tensor(wq: Tensor, scales: Tensor, biases: Tensor, bits: int, gro
   q = _unpack(wq, bits).cast(dtype).unflatten(-1, (-1, group_size))
   return (q * scales.cast(dtype).unsqueeze(-1) + biases.cast(dtype).unsqueeze(-1)).flatten(-2)
 
+# ---- packed matmuls on the CPU
+# A matmul whose right operand is dequantized inside the kernel recomputes the unpacking for every multiply-add and
+# splits the reduction over words and nibbles, which gets no matmul kernel shape (tinylora.device_policy). On the CPU a
+# packed linear instead dequantizes its weight into a float buffer of its own right before each product, forward
+# (x @ W.T) and input gradient (dy @ W, against W's transpose as tinylora.device_policy.linear), and multiplies with
+# plain float matmuls. Each product is a precompiled tinygrad function over the activation and the packed tensors, so
+# the scheduler places the dequantization next to its matmul and frees it there: a step holds one weight's float copy
+# at a time, never the whole model's.
+
+DENSE_ROWS = 64  # fewer input rows (decoding): the fused kernel is as fast, and the CPU matmul kernel shapes start at 64
+
+def _dense_operand(w: Tensor) -> Tensor:
+  """w (k, n) as a matmul's right operand, copied into a buffer of its own in which the reduction axis k is contiguous."""
+  return w.T.contiguous().T
+
+@functools.cache
+def _dense_matmul(bits: int, group_size: int) -> Callable[..., Tensor]:
+  """x @ W.T for a packed W (wq, scales, biases) of `bits` and `group_size`, with the input gradient dy @ W."""
+  @function(precompile=True)
+  def input_grad(dy: Tensor, wq: Tensor, scales: Tensor, biases: Tensor) -> Tensor:
+    return dy @ _dense_operand(dequantize_tensor(wq, scales, biases, bits, group_size, dy.dtype))
+  def backward(dy: UOp, call: UOp) -> tuple[UOp | None, ...]:
+    _, wq, scales, *biases = (Tensor(s) for s in call.src[1:])  # equal inputs (unloaded zeros) come once
+    dx = input_grad(Tensor(dy), wq, scales, biases[0] if biases else scales)
+    return (dx.uop,) + (None,) * (len(call.src) - 2)
+  @function(precompile=True, grad_fxn=backward)
+  def forward(x: Tensor, wq: Tensor, scales: Tensor, biases: Tensor) -> Tensor:
+    return x @ _dense_operand(dequantize_tensor(wq, scales, biases, bits, group_size, x.dtype).T)
+  return forward
+
 class _Packed:
   """`weight` (uint32 codes), `scales` and `biases` of a (rows, cols) matrix in mlx's affine layout, quantized along cols."""
   def __init__(self, rows: int, cols: int, bits: int, group_size: int, dtype: DType):
@@ -103,6 +137,13 @@ class _Packed:
     """The (rows, cols) matrix, lazily, in `dtype` (default: the scales' dtype)."""
     return dequantize_tensor(self.weight, self.scales, self.biases, self.bits, self.group_size, dtype or self.scales.dtype)
 
+  def matmul_t(self, x: Tensor) -> Tensor:
+    """x @ matrix.T in x's dtype: on the CPU with at least DENSE_ROWS rows of x through a transient float copy of the
+    matrix (`_dense_matmul`), otherwise with the dequantization fused into the matmul kernel."""
+    if on_device(x, ("CPU",)) and math.prod(x.shape[:-1]) >= DENSE_ROWS:
+      return _dense_matmul(self.bits, self.group_size)(x, self.weight, self.scales, self.biases)
+    return x @ self.dequantize(x.dtype).T
+
 class QuantizedLinear(_Packed):
   """A frozen `nn.Linear` in mlx's affine layout: `weight` (uint32), `scales`, `biases`, optional `bias`."""
   def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4, group_size: int = 64,
@@ -120,8 +161,8 @@ class QuantizedLinear(_Packed):
     return ql
 
   def __call__(self, x: Tensor) -> Tensor:
-    bias = None if self.bias is None else self.bias.cast(x.dtype)
-    return x.linear(self.dequantize(x.dtype).T, bias)
+    y = self.matmul_t(x)
+    return y if self.bias is None else y + self.bias.cast(x.dtype)
 
 class QuantizedEmbedding(_Packed):
   """A frozen `nn.Embedding` in mlx's affine layout; `as_linear` is the tied output head."""
@@ -143,8 +184,8 @@ class QuantizedEmbedding(_Packed):
     return dequantize_tensor(*rows, self.bits, self.group_size, self.scales.dtype)
 
   def as_linear(self, x: Tensor) -> Tensor:
-    """x @ weight.T with the dequantization fused into the matmul, in x's dtype."""
-    return x.linear(self.dequantize(x.dtype).T)
+    """x @ weight.T, in x's dtype (the tied output head)."""
+    return self.matmul_t(x)
 
 def linear_shape(obj: Any) -> tuple[int, int] | None:
   """(out_features, in_features) if `obj` is a base linear tinylora can adapt, else None."""
