@@ -405,15 +405,19 @@ class Handler(BaseHTTPRequestHandler):
     return None
 
 def _events(job: Job, gone: Callable[[], bool]) -> Iterator[tuple[str, Any]]:
-  """The job's events up to its end ("done", reason); an ("error", e) raises e. When the client has `gone`, the job is
-  cancelled (the engine frees its row) and ConnectionResetError raised."""
+  """The job's events up to its end ("done", reason); an ("error", e) raises e. At once and then every quarter second it
+  checks whether the client has `gone`: then the job is cancelled (the engine frees its row) and ConnectionResetError
+  raised."""
+  checked = 0.0
   while True:
     try: kind, value = job.events.get(timeout=0.25)
-    except queue.Empty:
+    except queue.Empty: kind, value = None, None
+    if time.monotonic() - checked >= 0.25:
       if gone():
         job.cancelled.set()
-        raise ConnectionResetError from None
-      continue
+        raise ConnectionResetError
+      checked = time.monotonic()
+    if kind is None: continue
     if kind == "error": raise value
     yield kind, value
     if kind == "done": return
