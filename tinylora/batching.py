@@ -52,6 +52,7 @@ class BatchDecoder:
     self.decode({row: (0, 1, BASE)})
 
   def _routing(self, adapters: list[str]) -> Tensor:
+    """(adapters of the model, rows): 1 where the row uses that adapter (a row of zeros for a model without any)."""
     if unknown := sorted({a for a in adapters if a != BASE and a not in self.adapters}):
       raise LoraError(f"unknown adapter(s) {unknown}; the model has {list(self.adapters) or 'none'} (and {BASE!r} for the base)")
     return Tensor(np.array([[float(a == n) for a in adapters] for n in self.adapters] or [[0.0] * len(adapters)], dtype=np.float32))
@@ -67,8 +68,7 @@ class BatchDecoder:
     pick = np.zeros((1, self.chunk, 1), np.float32)
     pick[0, len(tokens) - 1] = 1
     padded = Tensor([tokens + [0] * (self.chunk - len(tokens))])
-    routing = self._routing([adapter]) if self.adapters else Tensor.zeros(1, 1).contiguous()
-    return self._prefill(padded, Tensor(pick), routing, self.row.bind(row), self.start.bind(start)).numpy()[0]
+    return self._prefill(padded, Tensor(pick), self._routing([adapter]), self.row.bind(row), self.start.bind(start)).numpy()[0]
 
   def decode(self, tokens: dict[int, tuple[int, int, str]]) -> dict[int, np.ndarray]:
     """One step for the rows in `tokens` (row -> (token, position, adapter)): caches each token at its row's position
@@ -80,6 +80,5 @@ class BatchDecoder:
     ids, positions, adapters = [0] * self.rows, [self.max_len] * self.rows, [BASE] * self.rows
     for r, (token, pos, adapter) in tokens.items(): ids[r], positions[r], adapters[r] = token, pos, adapter
     end = 1 + max(p for _, p, _ in tokens.values())
-    routing = self._routing(adapters) if self.adapters else Tensor.zeros(1, self.rows).contiguous()
-    logits = self._decode(Tensor([[t] for t in ids]), Tensor(positions), routing, self.end.bind(end)).numpy()
+    logits = self._decode(Tensor([[t] for t in ids]), Tensor(positions), self._routing(adapters), self.end.bind(end)).numpy()
     return {r: logits[r] for r in tokens}

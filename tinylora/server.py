@@ -228,7 +228,7 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, ok
 
 def _unsupported(body: dict, **defaults: Any) -> None:
   for name, default in defaults.items():
-    if body.get(name) not in (None, default) and body.get(name) != default:
+    if body.get(name) not in (None, default):
       raise ApiError(400, f"'{name}' = {json.dumps(body[name])[:80]} is not supported (only {json.dumps(default)})", name, "unsupported_value")
 
 def _text_of(content: Any, where: str) -> str:
@@ -319,14 +319,16 @@ class Handler(BaseHTTPRequestHandler):
     elif self.path == "/v1/models":
       self._answer(lambda: {"object": "list", "data": [{"id": i, "object": "model", "created": self.server.started, "owned_by": "tinylora",
                                                          "root": engine.paths.get(i, engine.model_id), "parent": p} for i, p in engine.models()]})
-    else: self._answer(lambda: (_ for _ in ()).throw(ApiError(404, f"no route {self.command} {self.path}", code="not_found")))
+    else: self._answer(self._no_route)
 
   def do_POST(self) -> None:
     self.began = time.monotonic()
     routes = {"/v1/chat/completions": lambda b: self._complete(b, chat=True), "/v1/completions": lambda b: self._complete(b, chat=False),
               "/v1/load_lora_adapter": self._load, "/v1/unload_lora_adapter": self._unload}
-    self._answer(lambda: routes[self.path](self._body()) if self.path in routes else
-                 (_ for _ in ()).throw(ApiError(404, f"no route {self.command} {self.path}", code="not_found")))
+    self._answer(lambda: routes[self.path](self._body()) if self.path in routes else self._no_route())
+
+  def _no_route(self) -> dict:
+    raise ApiError(404, f"no route {self.command} {self.path}", code="not_found")
 
   def _answer(self, fn: Callable[[], dict | None]) -> None:
     """Sends fn()'s JSON (None: fn answered itself), or the error it raised."""
