@@ -10,9 +10,8 @@ from __future__ import annotations
 import functools, math
 from typing import Any, Callable, Iterator
 import numpy as np
-from tinygrad import Tensor, dtypes, function, nn
+from tinygrad import Tensor, UOp, dtypes, function, nn
 from tinygrad.dtype import DType
-from tinygrad.uop.ops import UOp
 from tinylora.device_policy import on_device
 from tinylora.errors import LoraError
 from tinylora.tree import named_modules, replace_module
