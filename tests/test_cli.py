@@ -2,12 +2,13 @@
 with and without an adapter, convert, --help of every subcommand, and one-line errors with a non-zero exit."""
 import argparse, json, re, subprocess, sys
 import numpy as np, pytest
-from tinygrad import Tensor
+from tinygrad import Tensor, dtypes, nn
 import tinylora as tl
-from tinylora.cli import _parser, main
+from tinylora.cli import _load_model, _parser, main
 from tinylora.errors import LoraError
-from tinylora import load_pretrained, save_pretrained
+from tinylora import load_pretrained, load_tokenizer, save_pretrained
 from tinylora.models import Model
+from tinylora.quant import QuantizedLinear
 
 CONFIG = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=32, intermediate_size=64,
               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=300, rms_norm_eps=1e-5,
@@ -58,7 +59,6 @@ def test_train_generate_fuse_convert(capsys, tmp_path, model_dir, data_dir):
 
   # generate with the adapter equals the library's greedy generation
   from tinylora.generate import generate
-  from tinylora import load_tokenizer
   tok = load_tokenizer(model_dir)
   want = tok.decode(generate(model, tok.encode("the sky is"), 5, stop_tokens=[tok.eos_id]), skip_special_tokens=True)
   rc, out, _ = run(capsys, "generate", "--model", model_dir, "--adapter-path", adapters, "--prompt", "the sky is", "--max-tokens", 5)
@@ -83,6 +83,23 @@ def test_train_generate_fuse_convert(capsys, tmp_path, model_dir, data_dir):
   rc, out, err = run(capsys, "train", "--model", model_dir, "--data", data_dir, "--train", "--adapter-path", tmp_path / "more",
                      "--resume-adapter-file", adapters / "checkpoints", *TRAIN[:-6], "--iters", 5)
   assert rc == 0 and "resumed at step 3" in out, err
+
+def test_a_gguf_trains_packed_unless_dequantized_and_fuses_to_a_plain_model(capsys, tmp_path, model_dir, data_dir):
+  gguf = tmp_path / "m.gguf"
+  save_pretrained(load_pretrained(model_dir), gguf, format="gguf", quantization="q8_0", tokenizer=load_tokenizer(model_dir))
+  packed, plain = _load_model(str(gguf)), _load_model(str(gguf), dequantize=True)
+  assert all(isinstance(l.mlp.down_proj, QuantizedLinear) for l in packed.model.layers) and packed.dtype == dtypes.float32
+  assert all(type(l.mlp.down_proj) is nn.Linear for l in plain.model.layers) and plain.dtype == dtypes.float32
+  adapters = tmp_path / "adapters"
+  rc, out, err = run(capsys, "train", "--model", gguf, "--data", data_dir, "--train", "--adapter-path", adapters, "--rank", 4, *TRAIN)
+  assert rc == 0 and "saved the adapter" in out, err
+  model = tl.load_adapter(packed, adapters)
+  assert all(isinstance(l.base, QuantizedLinear) for l in tl.lora_layers(model).values())
+  rc, out, err = run(capsys, "fuse", "--model", gguf, "--adapter-path", adapters, "--save-path", tmp_path / "fused", "--de-quantize")
+  assert rc == 0, err
+  assert "quantization" not in json.loads((tmp_path / "fused" / "config.json").read_text())  # plain: transformers loads it
+  tokens = Tensor([[5, 9, 33, 2]])
+  np.testing.assert_allclose(load_pretrained(tmp_path / "fused")(tokens).numpy(), model(tokens).numpy(), rtol=1e-5, atol=1e-5)
 
 def test_dora_from_a_config_file_in_mlx_format(capsys, tmp_path, model_dir, data_dir):
   config = tmp_path / "config.json"
@@ -149,7 +166,6 @@ def test_generate_on_a_gemma3_directory(capsys, tmp_path, model_dir):
   """Another family than llama (sandwich norms, q/k norms, a sliding layer) through `tinylora generate`: the library's
   greedy generation."""
   import shutil
-  from tinylora import load_tokenizer
   from tinylora.generate import generate
   cfg = dict(CONFIG, model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], head_dim=16, query_pre_attn_scalar=16,
              sliding_window=4, layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)

@@ -41,7 +41,7 @@ def test_f32_round_trip_is_exact_and_f16_within_rounding(model, tmp_path):
   ref = model(TOKENS).numpy()
   save_pretrained(model, tmp_path / "f32.gguf", format="gguf", quantization="f32")
   np.testing.assert_array_equal(load_pretrained(tmp_path / "f32.gguf", dtype=dtypes.float32)(TOKENS).numpy(), ref)
-  f32 = load_pretrained(tmp_path / "f32.gguf")  # HF's dtype policy: a file of float32 tensors loads as float32
+  f32 = load_pretrained(tmp_path / "f32.gguf")
   assert f32.dtype == dtypes.float32
   np.testing.assert_array_equal(f32(TOKENS).numpy(), ref)
   save_pretrained(model, tmp_path / "f16.gguf", format="gguf", quantization="f16")

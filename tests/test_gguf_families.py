@@ -159,6 +159,21 @@ def test_a_missing_or_unknown_family_tensor_is_named(tmp_path):
   with pytest.raises(LoraError, match="unexpected tensor 'blk.1.attn_z_norm.weight'"):
     tl.load_pretrained(rewrite("extra.gguf", extra="blk.1.attn_z_norm.weight"))
 
+def test_a_gguf_of_float16_tensors_computes_in_float32_unless_asked(tmp_path):
+  model = make("qwen3")
+  tl.save_pretrained(model, tmp_path / "m.gguf", format="gguf", quantization="f32")
+  r = gguf.GGUFReader(tmp_path / "m.gguf")
+  w = gguf.GGUFWriter(str(tmp_path / "f16.gguf"), "qwen3")
+  for field in r.fields.values():
+    if field.name.startswith("qwen3.") and not isinstance(field.contents(), list):
+      value = field.contents()
+      (w.add_uint32 if isinstance(value, int) else w.add_float32)(field.name, value)
+  for t in r.tensors: w.add_tensor(t.name, np.array(t.data).reshape(tuple(reversed(t.shape.tolist()))).astype(np.float16))
+  w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+  default, half = tl.load_pretrained(tmp_path / "f16.gguf"), tl.load_pretrained(tmp_path / "f16.gguf", dtype=dtypes.float16)
+  assert (default.dtype, half.dtype) == (dtypes.float32, dtypes.float16)  # HF's policy would give float16 for this file
+  np.testing.assert_allclose(default(TOKENS).numpy(), model(TOKENS).numpy(), atol=5e-3)  # float16 weights, float32 sums
+
 @pytest.mark.parametrize("model_type,extra,words", [
   ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0), "layer_types"),
   ("mistral", dict(sliding_window=4), "layer_types"),

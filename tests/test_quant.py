@@ -7,7 +7,7 @@ from tinygrad.nn.state import get_state_dict, load_state_dict
 from tinylora.errors import LoraError
 from tinylora.device_policy import base_forward
 from tinylora.engine import peak_memory
-from tinylora.quant import (BITS, DENSE_ROWS, GROUP_SIZES, QuantizedEmbedding, QuantizedLinear, _unpack, dequantize_array, linear_shape,
+from tinylora.quant import (BITS, DENSE_ROWS, GROUP_SIZES, QuantizedEmbedding, QuantizedLinear, _unpack, dequantize, dequantize_array, linear_shape,
                             pack_array, prepare_quantized, quantization_config, quantize, quantize_array, unpack_array)
 
 RNG = np.random.default_rng(0)
@@ -276,3 +276,24 @@ def test_tied_head_shares_the_quantized_embedding():
   for k in ("weight", "scales", "biases"): getattr(target.embed_tokens, k).replace(getattr(model.embed_tokens, k))
   x = Tensor(RNG.standard_normal((2, 64)).astype(np.float32))
   np.testing.assert_array_equal(target.lm_head(x).numpy(), model.embed_tokens.as_linear(x).numpy())
+
+def test_dequantize_gives_back_plain_layers_with_the_packed_values():
+  model, idx = quantize(_Toy(), bits=4, group_size=32), Tensor([[1, 2, 3, 49]], dtype=dtypes.int32)
+  want = {name: _dequantized(m) for name, m in (("embed", model.embed_tokens), ("head", model.heads["lm_head"]),
+                                                ("q0", model.layers[0].q_proj))}
+  logits, bias = model(idx).numpy(), model.layers[0].q_proj.bias
+  assert dequantize(model) is model and quantization_config(model) == {}
+  assert isinstance(model.embed_tokens, nn.Embedding) and isinstance(model.heads["lm_head"], nn.Linear)
+  assert all(type(l.q_proj) is nn.Linear and type(l.o_proj) is nn.Linear for l in model.layers)
+  assert model.layers[0].q_proj.bias is bias and model.layers[0].o_proj.bias is None
+  for name, m in (("embed", model.embed_tokens), ("head", model.heads["lm_head"]), ("q0", model.layers[0].q_proj)):
+    assert m.weight.dtype == dtypes.float32
+    np.testing.assert_allclose(m.weight.numpy(), want[name], rtol=0, atol=1e-6)  # w = scale * q + bias, in float32
+  np.testing.assert_allclose(model(idx).numpy(), logits, rtol=1e-5, atol=1e-5)  # the same model, now plain
+  weights = dict(get_state_dict(model))
+  assert dequantize(model) is model and dict(get_state_dict(model)) == weights  # nothing left to dequantize
+
+def test_dequantize_keeps_a_tied_head_tied():
+  model = dequantize(quantize(_Tied(), bits=4, group_size=32), dtypes.float16)
+  assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.embed_tokens.weight
+  assert model.embed_tokens.weight.dtype == dtypes.float16

@@ -10,6 +10,7 @@ from tinylora.batching import BatchDecoder
 from tinylora.generate import generate
 from tinylora.lora import BASE
 from tinylora.models import Model
+from tinylora.quant import quantize
 
 openai = pytest.importorskip("openai", reason="the test extra's 'openai' package is not installed")
 CONFIG = dict(model_type="qwen3", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -89,9 +90,17 @@ def post(url: str, path: str, data: bytes) -> tuple[int, dict]:
 def health(url: str) -> dict:
   with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=10) as r: return json.load(r)
 
-def test_the_batch_decoder_equals_generate(reference):
+@pytest.fixture(scope="module")
+def packed_reference(files):
+  """The reference model with its linears packed to 4 bits (as a GGUF's Q4 layers are served), with every adapter."""
+  model = quantize(load_pretrained(files / "model"), bits=4, group_size=32)
+  for name in ADAPTERS: load_adapter(model, files / name, adapter_name=name)
+  return model
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_batch_decoder_equals_generate(reference, packed_reference, packed):
   """Rows at different positions, each with its own adapter, prefilled in chunks and decoded together."""
-  model, _ = reference
+  model = packed_reference if packed else reference[0]
   decoder = BatchDecoder(model, rows=3, max_len=40, chunk=4)
   prompts = {0: ([5, 9, 13, 2, 7, 7, 31], "a"), 1: ([8, 3], BASE), 2: ([40, 41, 42, 43, 44], "c")}
   want = {r: generate(model, [p], 6, adapter_names=[name])[0] for r, (p, name) in prompts.items()}

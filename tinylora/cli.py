@@ -13,16 +13,16 @@ line and exit with status 1 (2 for a bad command line)."""
 from __future__ import annotations
 import argparse, json, math, os, pathlib, signal, sys
 from typing import Iterator, Sequence
-from tinygrad import Tensor, dtypes
+from tinygrad import Tensor
 import tinylora as tl
 from tinylora.config import ALL_LINEAR
 from tinylora.data import LOSS_ON, eval_batches, load_dataset, packed_eval_batches
 from tinylora.errors import LoraError
-from tinylora.formats import (ADAPTER_FORMATS, adapter_path, checkpoint, detect_adapter_format, detect_model_format,
+from tinylora.formats import (ADAPTER_FORMATS, adapter_path, checkpoint, detect_adapter_format,
                               load_adapter, load_pretrained, load_tokenizer, save_adapter, save_pretrained)
 from tinylora.generate import stream_generate
 from tinylora.preference import LOSSES, load_pairs, pair_batch_at, pair_eval_batches
-from tinylora.quant import QuantizedLinear
+from tinylora.quant import QuantizedLinear, dequantize
 from tinylora.server import Engine, model_id, serve as serve_http
 from tinylora.train import OPTIMIZERS, SCHEDULES, Trainer, TrainConfig, fit
 
@@ -90,16 +90,16 @@ def _train_parser(sub) -> None:
   p.add_argument("--grad-checkpoint", action="store_true", default=None, help="recompute each layer in the backward "
                  "instead of keeping its activations (less memory)")
   p.add_argument("--devices", help="comma-separated devices to train on data-parallel, e.g. CUDA:0,CUDA:1")
-  p.add_argument("--qlora", action="store_true", default=None, help="with a .gguf model, train on its packed Q4_0/Q4_1/"
-                 "Q8_0 weights as they are (less memory; about the float32 step on the CPU). Default, as examples/finetune.py: "
-                 "the GGUF dequantized to float32")
+  p.add_argument("--dequantize", action="store_true", default=None, help="with a .gguf model, train on a float32 copy "
+                 "of its Q4_0/Q4_1/Q8_0 weights instead of the packed weights as they are (the default, as "
+                 "examples/finetune.py: half the memory, about the float32 step time on the CPU)")
   p.add_argument("--seed", type=int, help="random seed (default 0)")
 
 TRAIN_DEFAULTS = dict(train=False, test=False, iters=1000, batch_size=4, learning_rate=1e-5, warmup=0, num_layers=16,
                       max_seq_length=2048, pack=False, loss_on=None, mask_prompt=None, mode="sft", beta=0.1, optimizer="adamw",
                       optimizer_config=None, lr_schedule="cosine", rank=8, alpha=None, dropout=0.0, targets=ALL_LINEAR, dora=False,
                       adapter_path="adapters", format="peft", resume_adapter_file=None, steps_per_eval=200,
-                      val_batches=25, save_every=100, grad_checkpoint=False, devices=None, qlora=False, seed=0, model=None, data=None)
+                      val_batches=25, save_every=100, grad_checkpoint=False, devices=None, dequantize=False, seed=0, model=None, data=None)
 
 def _parser() -> argparse.ArgumentParser:
   p = _Parser(prog="tinylora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,8 +111,8 @@ def _parser() -> argparse.ArgumentParser:
   _model_flag(f)
   f.add_argument("--adapter-path", default="adapters", help="the adapter, in any format load_adapter reads (detected; default adapters)")
   f.add_argument("--save-path", default="fused_model", help="where the fused model goes (default fused_model)")
-  f.add_argument("--de-quantize", action="store_true", help="keep a quantized base's fused weights in float16 "
-                 "(default: quantize them again with the base's bits and group size)")
+  f.add_argument("--de-quantize", action="store_true", help="save a de-quantized model: every quantized layer, fused or "
+                 "not, as float weights (default: quantize the fused weights again with the base's bits and group size)")
   f.add_argument("--export-gguf", action="store_true", help="write one llama.cpp .gguf file at --save-path")
   g = sub.add_parser("generate", help="generate text", description="Greedy or sampled generation from --prompt, with "
                      "the model's chat template unless --ignore-chat-template, printed as the tokens come.")
@@ -129,8 +129,8 @@ def _parser() -> argparse.ArgumentParser:
   v = sub.add_parser("serve", help="serve the model and its adapters over an OpenAI-compatible HTTP API",
                      description="Answers /v1/chat/completions and /v1/completions (streaming or not) for --model and "
                      "every --adapter, listed by /v1/models; /v1/load_lora_adapter and /v1/unload_lora_adapter change "
-                     "the adapters while serving. Requests share each decode step whatever adapter they use. A GGUF is "
-                     "dequantized to float32 unless --qlora. Ctrl-C (or SIGTERM) stops taking requests, lets the running "
+                     "the adapters while serving. Requests share each decode step whatever adapter they use. A GGUF's "
+                     "Q4/Q8 weights stay packed unless --dequantize. Ctrl-C (or SIGTERM) stops taking requests, lets the running "
                      "ones finish and exits; a second one ends them too.")
   _model_flag(v)
   v.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
@@ -142,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
   v.add_argument("--max-len", type=int, help="the context per request, prompt and reply (default: the model's, at most 2048)")
   v.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 429 is answered (default 64)")
   v.add_argument("--prefill-chunk", type=int, default=32, help="prompt tokens cached per prefill step (default 32)")
-  v.add_argument("--qlora", action="store_true", help="keep a GGUF's Q4/Q8 weights packed (less memory, slower on the CPU)")
+  v.add_argument("--dequantize", action="store_true", help="serve a float32 copy of a GGUF's Q4/Q8 weights (more memory)")
   c = sub.add_parser("convert", help="rewrite an adapter in another format", description="Loads the adapter at "
                      "--adapter-path onto --model (checking every tensor) and writes it to --save-path in --format.")
   _model_flag(c)
@@ -151,11 +151,10 @@ def _parser() -> argparse.ArgumentParser:
   c.add_argument("--format", required=True, choices=list(ADAPTER_FORMATS), help="the format to write")
   return p
 
-def _load_model(path: str, packed: bool = True):
-  """The model at `path`; a GGUF's Q4/Q8 weights stay packed unless `packed` is False (then float32 throughout)."""
+def _load_model(path: str, dequantize: bool = False):
+  """The model at `path`; a GGUF's Q4/Q8 weights stay packed unless `dequantize` (a GGUF computes in float32)."""
   if not pathlib.Path(path).exists(): raise FileNotFoundError(f"model not found: {path}")
-  gguf = detect_model_format(path) == "gguf"
-  return load_pretrained(path, dtype=dtypes.float32 if gguf and not packed else None, dequantize=not packed)
+  return load_pretrained(path, dequantize=dequantize)
 
 def _config_values(path: str) -> dict:
   """Flag values from a JSON or YAML file, in the flags' underscore spelling."""
@@ -212,7 +211,7 @@ def _train_args(args: argparse.Namespace) -> argparse.Namespace:
 def train(a: argparse.Namespace) -> None:
   Tensor.manual_seed(a.seed)
   data, out = pathlib.Path(a.data), pathlib.Path(a.adapter_path)
-  model, tokenizer = _load_model(a.model, packed=a.qlora), load_tokenizer(a.model)
+  model, tokenizer = _load_model(a.model, a.dequantize), load_tokenizer(a.model)
   files = ["train.jsonl", "valid.jsonl"] if a.train else []
   for name in files + (["test.jsonl"] if a.test else []):
     if not (data / name).exists(): raise FileNotFoundError(f"data file not found: {data / name}")
@@ -255,7 +254,8 @@ def train(a: argparse.Namespace) -> None:
 def fuse(a: argparse.Namespace) -> None:
   model = load_adapter(_load_model(a.model), a.adapter_path)
   quantized = any(isinstance(l.base, QuantizedLinear) for l in tl.lora_layers(model).values())
-  tl.merge_and_unload(model, requantize=quantized and not a.de_quantize)
+  tl.merge_and_unload(model, dtype=model.dtype if a.de_quantize else None, requantize=quantized and not a.de_quantize)
+  if a.de_quantize: dequantize(model)
   tokenizer = load_tokenizer(a.model)
   save_pretrained(model, a.save_path, format="gguf" if a.export_gguf else "hf", tokenizer=tokenizer)
   print(f"saved the fused model to {a.save_path}")
@@ -305,7 +305,7 @@ def serve(a: argparse.Namespace) -> None:
   adapters = dict(spec.split("=", 1) for spec in a.adapter if "=" in spec)
   if bad := [spec for spec in a.adapter if "=" not in spec or not spec.split("=", 1)[0]]:
     raise LoraError(f"--adapter takes NAME=PATH, found {bad[0]!r}")
-  model, tokenizer = _load_model(a.model, packed=a.qlora), load_tokenizer(a.model)
+  model, tokenizer = _load_model(a.model, a.dequantize), load_tokenizer(a.model)
   max_len = a.max_len or min(model.config.max_position_embeddings, 2048)
   engine = Engine(model, tokenizer, a.served_model_name or model_id(a.model), adapters, a.max_batch, max_len, a.prefill_chunk, a.max_queue)
   for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, lambda *_: engine.stop())

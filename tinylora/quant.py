@@ -236,6 +236,22 @@ def quantize(model: Any, bits: int = 4, group_size: int = 64,
   _swap(model, make)
   return model
 
+def dequantize(model: Any, dtype: DType | None = None) -> Any:
+  """The inverse of `quantize`, in place: every quantized layer becomes a plain nn.Linear / nn.Embedding holding its
+  dequantized weight in `dtype` (default: its scales' dtype), a head tied to a quantized embedding tied to the plain
+  embedding's weight again (mlx-lm's `fuse --de-quantize`). Returns the model."""
+  plain: dict[int, Tensor] = {}  # id(packed weight) -> its float matrix, shared by a tied head
+  for _, container, key, module in list(_modules(model)):
+    if not isinstance(module, (QuantizedLinear, QuantizedEmbedding)): continue
+    if (weight := plain.get(id(module.weight))) is None:
+      weight = plain[id(module.weight)] = module.dequantize(dtype or module.scales.dtype).contiguous()
+    if isinstance(module, QuantizedEmbedding): new = nn.Embedding(module.num_embeddings, module.dims)
+    else: new, new.bias = nn.Linear(module.in_features, module.out_features, bias=False), module.bias
+    new.weight = weight
+    replace_module(container, key, new)
+  if plain: Tensor.realize(*plain.values())
+  return model
+
 def quantization_config(model: Any) -> dict:
   """mlx-lm's config.json `quantization` entry for the model's quantized layers, read from the layers themselves: the
   most common bits / group_size / mode at the top level, a per-layer entry for each layer that differs ({} when no

@@ -38,8 +38,8 @@ def _detect(registry: dict[str, ModuleType], path: pathlib.Path) -> str | None:
 
 def load_pretrained(path: str | os.PathLike, dtype: DType | None = None, dequantize: bool = False) -> Model:
   """Loads a local HF model directory or a `.gguf` file (Q4_0/Q4_1/Q8_0 stay packed unless `dequantize`). Float
-  tensors load as `dtype`, or with None by the file's own types: float16 when every float tensor is float16, else
-  float32 (tinylora/formats/hf.py). Raises
+  tensors load as `dtype`; with None, a GGUF's as float32 and an HF directory's by its own types: float16 when every
+  float tensor is float16, else float32 (tinylora/formats/hf.py). Raises
   FileNotFoundError for a missing directory or file and LoraError for an unsupported config or weights that do not
   match it (missing, unexpected or mis-shaped keys)."""
   path = pathlib.Path(path)

@@ -138,15 +138,15 @@ def read_weights(tensors: dict[str, TensorInfo], model: Model, where: str, dequa
 
 def read(path: pathlib.Path, dtype: DType | None = None, dequantize: bool = False) -> Model:
   """A Model from a GGUF file (or the first file of a split set). Q4_0 / Q4_1 / Q8_0 weights stay packed as
-  tinylora.quant layers unless `dequantize`; every other tensor is dequantized, to `dtype` or by HF's dtype policy
-  (tinylora/formats/hf.py: float16 when every float tensor is, else float32). The file's tokenizer metadata goes to
+  tinylora.quant layers unless `dequantize`; every other tensor, and the packed layers' scales, load as `dtype`,
+  float32 by default whatever the file stores (as llama.cpp computes on the CPU). The file's tokenizer metadata goes to
   `model.file_metadata`, to be carried into GGUF files saved from this model."""
   kv, tensors = read_gguf(path)
   if kv.get("general.type") == "adapter": raise LoraError(f"{path}: a LoRA adapter, not a model: load it with load_adapter")
   model = Model(ModelConfig.from_hf(config_from_gguf(kv, tensors, str(path))))  # lazy init, replaced before it is realized
   weights, quantization = read_weights(tensors, model, str(path), dequantize)
   if quantization: prepare_quantized(model, quantization, set(weights))
-  assign_weights(model, weights, dtype)
+  assign_weights(model, weights, dtype or dtypes.float32)
   model.file_metadata = FrozenMapping(tokenizer_keys(kv))
   return model
 
