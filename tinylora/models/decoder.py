@@ -124,10 +124,10 @@ class Attention:
     heads, kv_heads, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     if c.arch.fused: q, k, v = base_forward(self.qkv_proj, x).split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
     else: q, k, v = (base_forward(p, x) for p in (self.q_proj, self.k_proj, self.v_proj))
-    # with a cache (decoding a few rows): q and k materialised before RoPE, whose rotate_half reads each twice (the
-    # projection would be computed twice in one slow kernel), and the attention output before o_proj (whose reduction
-    # would run over heads and head_dim as two axes, which get no matmul shape)
-    if cache is not None: q, k = q.contiguous(), k.contiguous()
+    # q and k materialised before RoPE, whose rotate_half reads each twice (the projection would be computed twice in
+    # one kernel with RoPE in its epilogue, which gets no matmul shape), and the attention output before o_proj (whose
+    # reduction would run over heads and head_dim as two axes, which get none either)
+    q, k = q.contiguous(), k.contiguous()
     if c.arch.qk_norm == "projection": q, k = self.q_norm(q), self.k_norm(k)
     q, k, v = q.reshape(B, T, heads, hd), k.reshape(B, T, kv_heads, hd), v.reshape(B, T, kv_heads, hd)
     if c.arch.qk_norm == "head": q, k = self.q_norm(q), self.k_norm(k)
@@ -153,7 +153,7 @@ class Attention:
     probs = scores.softmax(-1).cast(x.dtype).contiguous()
     if saved is not None: saved += [q, k, v, scores, probs]
     out = (probs @ v).reshape(B, heads, T, hd).transpose(1, 2).reshape(B, T, heads * hd)
-    if cache is not None: out = out.contiguous()
+    out = out.contiguous()
     return base_forward(self.o_proj, out)
 
   def _row_mask(self, rows: RowPositions) -> Tensor:
