@@ -3,6 +3,7 @@ through tinylora's GGUF writer; files written independently with the `gguf` pack
 writes them (tensor names from gguf's own name map, 1 + w norms, Q/K permutation, its metadata keys) load with the logits
 of the HF-layout model; bad files and models a GGUF cannot describe are refused; adapters of fused and q/k-norm families
 round-trip."""
+import pathlib
 import numpy as np, pytest
 from tinygrad import Tensor, dtypes
 import tinylora as tl
@@ -138,38 +139,36 @@ def test_loads_a_file_written_as_llama_cpps_converter_writes_it(family, tmp_path
 
 # ---- bad files and models a GGUF cannot describe
 
-def test_a_missing_or_unknown_family_tensor_is_named(tmp_path):
-  model = make("qwen3")
-  tl.save_pretrained(model, tmp_path / "m.gguf", format="gguf", quantization="f32")
-  r = gguf.GGUFReader(tmp_path / "m.gguf")
-  def rewrite(name: str, drop: str | None = None, extra: str | None = None):
-    w = gguf.GGUFWriter(str(tmp_path / name), "qwen3")
-    for field in r.fields.values():
-      if field.name.startswith("qwen3.") and not isinstance(field.contents(), list):
-        value = field.contents()
-        (w.add_uint32 if isinstance(value, int) else w.add_float32)(field.name, value)
-    for t in r.tensors:
-      if t.name != drop: w.add_tensor(t.name, np.array(t.data).reshape(tuple(reversed(t.shape.tolist()))))
-    if extra: w.add_tensor(extra, np.ones(32, np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    return tmp_path / name
-  np.testing.assert_allclose(tl.load_pretrained(rewrite("same.gguf"))(TOKENS).numpy(), model(TOKENS).numpy(), atol=1e-5)
-  with pytest.raises(LoraError, match=r"tensor 'blk.0.attn_q_norm.weight' of shape \(16,\) is missing"):
-    tl.load_pretrained(rewrite("missing.gguf", drop="blk.0.attn_q_norm.weight"))
-  with pytest.raises(LoraError, match="unexpected tensor 'blk.1.attn_z_norm.weight'"):
-    tl.load_pretrained(rewrite("extra.gguf", extra="blk.1.attn_z_norm.weight"))
-
-def test_a_gguf_of_float16_tensors_computes_in_float32_unless_asked(tmp_path):
-  model = make("qwen3")
-  tl.save_pretrained(model, tmp_path / "m.gguf", format="gguf", quantization="f32")
-  r = gguf.GGUFReader(tmp_path / "m.gguf")
-  w = gguf.GGUFWriter(str(tmp_path / "f16.gguf"), "qwen3")
+def rewrite(source: pathlib.Path, target: pathlib.Path, drop: str | None = None, extra: str | None = None,
+            dtype: type | None = None) -> pathlib.Path:
+  """A copy of qwen3 GGUF `source` at `target` with its architecture's metadata and its tensors (cast to `dtype`), less
+  tensor `drop`, plus a tensor named `extra`."""
+  r, w = gguf.GGUFReader(source), gguf.GGUFWriter(str(target), "qwen3")
   for field in r.fields.values():
     if field.name.startswith("qwen3.") and not isinstance(field.contents(), list):
       value = field.contents()
       (w.add_uint32 if isinstance(value, int) else w.add_float32)(field.name, value)
-  for t in r.tensors: w.add_tensor(t.name, np.array(t.data).reshape(tuple(reversed(t.shape.tolist()))).astype(np.float16))
+  for t in r.tensors:
+    a = np.array(t.data).reshape(tuple(reversed(t.shape.tolist())))
+    if t.name != drop: w.add_tensor(t.name, a if dtype is None else a.astype(dtype))
+  if extra: w.add_tensor(extra, np.ones(32, np.float32))
   w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+  return target
+
+def test_a_missing_or_unknown_family_tensor_is_named(tmp_path):
+  model = make("qwen3")
+  tl.save_pretrained(model, tmp_path / "m.gguf", format="gguf", quantization="f32")
+  np.testing.assert_allclose(tl.load_pretrained(rewrite(tmp_path / "m.gguf", tmp_path / "same.gguf"))(TOKENS).numpy(),
+                             model(TOKENS).numpy(), atol=1e-5)
+  with pytest.raises(LoraError, match=r"tensor 'blk.0.attn_q_norm.weight' of shape \(16,\) is missing"):
+    tl.load_pretrained(rewrite(tmp_path / "m.gguf", tmp_path / "missing.gguf", drop="blk.0.attn_q_norm.weight"))
+  with pytest.raises(LoraError, match="unexpected tensor 'blk.1.attn_z_norm.weight'"):
+    tl.load_pretrained(rewrite(tmp_path / "m.gguf", tmp_path / "extra.gguf", extra="blk.1.attn_z_norm.weight"))
+
+def test_a_gguf_of_float16_tensors_computes_in_float32_unless_asked(tmp_path):
+  model = make("qwen3")
+  tl.save_pretrained(model, tmp_path / "m.gguf", format="gguf", quantization="f32")
+  rewrite(tmp_path / "m.gguf", tmp_path / "f16.gguf", dtype=np.float16)  # every tensor F16, the norms too
   default, half = tl.load_pretrained(tmp_path / "f16.gguf"), tl.load_pretrained(tmp_path / "f16.gguf", dtype=dtypes.float16)
   assert (default.dtype, half.dtype) == (dtypes.float32, dtypes.float16)  # HF's policy would give float16 for this file
   np.testing.assert_allclose(default(TOKENS).numpy(), model(TOKENS).numpy(), atol=5e-3)  # float16 weights, float32 sums

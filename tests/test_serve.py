@@ -92,7 +92,8 @@ def health(url: str) -> dict:
 
 @pytest.fixture(scope="module")
 def packed_reference(files):
-  """The reference model with its linears packed to 4 bits (as a GGUF's Q4 layers are served), with every adapter."""
+  """The reference model with its linears packed to 4 bits (as `serve --qlora` serves a GGUF's Q4 layers), with every
+  adapter."""
   model = quantize(load_pretrained(files / "model"), bits=4, group_size=32)
   for name in ADAPTERS: load_adapter(model, files / name, adapter_name=name)
   return model

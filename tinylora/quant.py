@@ -244,9 +244,11 @@ def dequantize(model: Any, dtype: DType | None = None) -> Any:
   for _, container, key, module in list(_modules(model)):
     if not isinstance(module, (QuantizedLinear, QuantizedEmbedding)): continue
     if (weight := plain.get(id(module.weight))) is None:
-      weight = plain[id(module.weight)] = module.dequantize(dtype or module.scales.dtype).contiguous()
+      weight = plain[id(module.weight)] = module.dequantize(dtype).contiguous()
     if isinstance(module, QuantizedEmbedding): new = nn.Embedding(module.num_embeddings, module.dims)
-    else: new, new.bias = nn.Linear(module.in_features, module.out_features, bias=False), module.bias
+    else:
+      new = nn.Linear(module.in_features, module.out_features, bias=False)
+      new.bias = module.bias
     new.weight = weight
     replace_module(container, key, new)
   if plain: Tensor.realize(*plain.values())
